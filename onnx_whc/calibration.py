@@ -1,0 +1,280 @@
+"""Load calibration inputs (a folder of images, an .npy or an .npz) for post-training recovery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from onnx_whc.errors import UserInputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# Pillow raises a zoo of exception types for broken or hostile files.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs.
+
+    Pixels are read as RGB and divided by 255, then normalised with `mean` and `std`
+    (defaults: the ImageNet statistics). `resize` scales the short side to that many pixels
+    (bilinear), then `crop` takes a centred square. With neither set, images are resized to
+    the model input's height and width when those are fixed. `layout` is "NCHW" or "NHWC".
+    """
+
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: Optional[int] = None
+    crop: Optional[int] = None
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("NCHW", "NHWC"):
+            raise UserInputError(f"layout must be NCHW or NHWC, not {self.layout!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UserInputError("mean and std need three values each, one per RGB channel")
+        if any(s == 0 for s in self.std):
+            raise UserInputError(f"std must not contain zero, got {self.std}")
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserInputError(f"{name} must be a positive number of pixels, got {value}")
+
+
+def load_calibration(
+    path,
+    input_shapes: dict[str, tuple],
+    size: Optional[int] = None,
+    preprocess: Preprocess = Preprocess(),
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Read calibration inputs for a model whose inputs have `input_shapes` (dim 0 is the batch).
+
+    `path` is a folder of images (single-input models), an .npy (single-input models) or an
+    .npz keyed by input name. `size` keeps that many samples: a seeded random subset of the
+    images, or the first rows of an array file; fewer available means all are used.
+    """
+    path = Path(path)
+    where = f"--calib {path}"
+    if size is not None and size < 1:
+        raise UserInputError(f"{where}: the number of calibration samples must be at least 1, got {size}")
+    if path.is_dir():
+        name, shape = _single_input(input_shapes, where, "a folder of images")
+        arrays = {name: _load_folder(path, name, shape, size, preprocess, seed, where)}
+    elif path.suffix.lower() in (".npy", ".npz") and path.is_file():
+        arrays = {name: arr[:size] for name, arr in _read_arrays(path, input_shapes, where).items()}
+    elif not path.exists():
+        raise UserInputError(f"{where}: no such file or folder")
+    else:
+        raise UserInputError(f"{where}: not a folder, .npy or .npz")
+    _check_batch(arrays, input_shapes, where)
+    return arrays
+
+
+def find_images(folder: Path) -> list[Path]:
+    """All image files under `folder`, recursively, in sorted order."""
+    return sorted(
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def load_images(
+    paths: Sequence[Path], preprocess: Preprocess, size_hw: Optional[tuple[int, int]] = None
+) -> np.ndarray:
+    """Decode, resize/crop and normalise `paths` into one float32 batch."""
+    pixels = [read_image(p, preprocess, size_hw) for p in paths]
+    first = pixels[0].shape
+    for p, arr in zip(paths, pixels):
+        if arr.shape != first:
+            raise UserInputError(
+                f"images differ in size after preprocessing ({paths[0]} is {first[1]}x{first[0]}, "
+                f"{p} is {arr.shape[1]}x{arr.shape[0]}); set a resize and crop"
+            )
+    return normalize(np.stack(pixels), preprocess)
+
+
+def read_image(path: Path, preprocess: Preprocess, size_hw: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """One image as uint8 H×W×3 RGB, resized and cropped per `preprocess`.
+
+    `size_hw` is the size to resize to when `preprocess` sets neither resize nor crop.
+    """
+    try:
+        with Image.open(path) as img:
+            img = _resize(img, preprocess, size_hw)
+    except _DECODE_ERRORS as err:
+        raise UserInputError(f"cannot read image {path} ({err})") from None
+    if preprocess.crop is not None:
+        img = _center_crop(img, preprocess.crop, path)
+    return np.asarray(img)
+
+
+def normalize(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """uint8 N×H×W×3 RGB to float32 ((x / 255) - mean) / std in the preprocess layout."""
+    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
+    # A 256-entry table per channel gives the same float32 values as the arithmetic at a
+    # fraction of the cost for large batches.
+    table = (levels - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
+    if preprocess.layout == "NHWC":
+        return table[pixels, np.arange(3)]
+    n, h, w, _ = pixels.shape
+    out = np.empty((n, 3, h, w), np.float32)
+    for c in range(3):
+        np.take(table[:, c], pixels[..., c], out=out[:, c])
+    return out
+
+
+def _resize(img: Image.Image, preprocess: Preprocess, size_hw: Optional[tuple[int, int]]) -> Image.Image:
+    """Decode `img` as RGB at the size `preprocess` (or `size_hw`) asks for."""
+    if preprocess.resize is not None:
+        target = _short_side_size(img.size, preprocess.resize)
+    elif preprocess.crop is None and size_hw is not None and img.size != size_hw[::-1]:
+        target = size_hw[::-1]
+    else:
+        return _rgb(img)
+    # JPEG can decode at 1/2, 1/4 or 1/8 scale almost for free; keeping at least twice the
+    # target size leaves the bilinear filter to do the real work, so results barely change.
+    img.draft("RGB", (2 * target[0], 2 * target[1]))
+    return _rgb(img).resize(target, Image.BILINEAR)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """`img` decoded as RGB; skips convert's full copy when it already is."""
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _short_side_size(size: tuple[int, int], short: int) -> tuple[int, int]:
+    """(width, height) with the short side at `short`, aspect ratio kept.
+
+    The long side is rounded, not truncated: that reproduces the published EfficientNet-Lite0
+    baseline on the shared ImageNet sample (truncation flips four of its 500 predictions).
+    """
+    w, h = size
+    if w <= h:
+        return short, max(1, round(short * h / w))
+    return max(1, round(short * w / h)), short
+
+
+def _center_crop(img: Image.Image, crop: int, path: Path) -> Image.Image:
+    """The centred crop×crop square, offsets rounded as torchvision's CenterCrop does."""
+    w, h = img.size
+    if w < crop or h < crop:
+        raise UserInputError(f"image {path} is {w}x{h}, smaller than the {crop}x{crop} crop; set a larger resize")
+    left, top = int(round((w - crop) / 2)), int(round((h - crop) / 2))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def _single_input(input_shapes: dict[str, tuple], where: str, what: str) -> tuple[str, tuple]:
+    """The only (name, shape) of a single-input model, or a UserInputError naming the inputs."""
+    if len(input_shapes) != 1:
+        names = ", ".join(repr(n) for n in input_shapes)
+        raise UserInputError(
+            f"{where}: {what} only works for single-input models, but this model has inputs {names}; "
+            "pass an .npz with one array per input name"
+        )
+    return next(iter(input_shapes.items()))
+
+
+def _load_folder(folder: Path, name: str, shape: tuple, size, preprocess: Preprocess, seed: int, where: str):
+    """Images under `folder` as one batch for the model input `name` of `shape`."""
+    if len(shape) != 4:
+        raise UserInputError(f"{where}: model input {name!r} of shape {_format_shape(shape)} does not take images")
+    channels = shape[3] if preprocess.layout == "NHWC" else shape[1]
+    if _is_static(channels) and channels != 3:
+        raise UserInputError(
+            f"{where}: model input {name!r} of shape {_format_shape(shape)} has {channels} channels "
+            f"in {preprocess.layout} layout, but images are read as 3-channel RGB"
+        )
+    paths = find_images(folder)
+    if not paths:
+        raise UserInputError(f"{where}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if size is not None and size < len(paths):
+        keep = np.random.default_rng(seed).choice(len(paths), size, replace=False)
+        paths = [paths[i] for i in sorted(keep)]
+    h, w = shape[1:3] if preprocess.layout == "NHWC" else shape[2:4]
+    size_hw = (h, w) if _is_static(h) and _is_static(w) else None
+    try:
+        batch = load_images(paths, preprocess, size_hw)
+    except UserInputError as err:
+        raise UserInputError(f"{where}: {err}") from None
+    if not _fits(batch.shape, shape):
+        raise UserInputError(
+            f"{where}: images come out as {tuple(batch.shape)} after preprocessing, which does not match "
+            f"model input {name!r} of shape {_format_shape(shape)}; adjust resize or crop"
+        )
+    return batch
+
+
+def _read_arrays(path: Path, input_shapes: dict[str, tuple], where: str) -> dict[str, np.ndarray]:
+    """Float32 arrays by input name from an .npy (single input) or .npz (keyed by name)."""
+    if path.suffix.lower() == ".npy":
+        name, _ = _single_input(input_shapes, where, "an .npy file")
+        return {name: _read_npy(path, where)}
+    return _read_npz(path, input_shapes, where)
+
+
+def _read_npy(path: Path, where: str) -> np.ndarray:
+    """A float array from an .npy file, as float32."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise UserInputError(f"{where}: cannot read the array ({err})") from None
+    return _as_float32(arr, where, "the array")
+
+
+def _read_npz(path: Path, input_shapes: dict[str, tuple], where: str) -> dict[str, np.ndarray]:
+    """One float32 array per model input from an .npz file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [name for name in input_shapes if name not in archive.files]
+            if missing:
+                have = ", ".join(repr(k) for k in archive.files) or "nothing"
+                raise UserInputError(f"{where}: no array for model input {missing[0]!r} (the file has {have})")
+            return {name: _as_float32(archive[name], where, f"array {name!r}") for name in input_shapes}
+    except (OSError, ValueError, EOFError) as err:
+        raise UserInputError(f"{where}: cannot read the arrays ({err})") from None
+
+
+def _as_float32(arr: np.ndarray, where: str, what: str) -> np.ndarray:
+    """`arr` as float32; anything but floating point is most likely the wrong file."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserInputError(f"{where}: {what} has dtype {arr.dtype}, expected float32 model inputs")
+    return arr.astype(np.float32, copy=False)
+
+
+def _check_batch(arrays: dict[str, np.ndarray], input_shapes: dict[str, tuple], where: str) -> None:
+    """Every array matches its input's static dims and all share one non-empty batch size."""
+    for name, arr in arrays.items():
+        shape = input_shapes[name]
+        if not _fits(arr.shape, shape):
+            raise UserInputError(
+                f"{where}: array shape {tuple(arr.shape)} does not match model input {name!r} "
+                f"of shape {_format_shape(shape)}"
+            )
+    batches = {name: arr.shape[0] for name, arr in arrays.items()}
+    if len(set(batches.values())) > 1:
+        sizes = ", ".join(f"{name!r} has {n}" for name, n in batches.items())
+        raise UserInputError(f"{where}: inputs hold different numbers of samples ({sizes})")
+    if 0 in batches.values():
+        raise UserInputError(f"{where}: contains no samples")
+
+
+def _fits(got: tuple, shape: tuple) -> bool:
+    """Whether an array shape `got` matches `shape`: same rank, equal static dims."""
+    return len(got) == len(shape) and all(not _is_static(w) or g == w for g, w in zip(got, shape))
+
+
+def _is_static(dim) -> bool:
+    """Whether `dim` is a fixed size (dynamic dims are None or a symbolic name)."""
+    return isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim > 0
+
+
+def _format_shape(shape: tuple) -> str:
+    """(batch, 3, 32, 32): static dims as numbers, dynamic ones by name or '?'."""
+    dims = [str(d) if d is not None else "?" for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"

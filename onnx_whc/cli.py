@@ -1,0 +1,121 @@
+"""`onnx-whc`: a thin click layer over the Python API.
+
+Exit codes: 0 success, 1 the pruned model failed validation, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .api import analyze as analyze_model
+from .api import prune as prune_model
+from .api import same_file, save
+from .criteria import CRITERIA
+from .errors import OnnxWhcError, UserInputError
+
+
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise UserInputError(f"--input-shape '{value}' is not NAME:DxDxD (e.g. input:1x3x224x224)")
+        shapes[name] = shape
+    return shapes
+
+
+class _Command(click.Command):
+    """Turn every expected failure into one line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OnnxWhcError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except MemoryError:
+            click.echo("error: out of memory", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnx-whc")
+def main():
+    """Prune whole convolution filters of an ONNX model with the Weighted Hybrid Criterion."""
+
+
+_input_shape = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:1x3x224x224",
+                            help="Fix dynamic input dimensions (repeat for several inputs).")
+
+
+@main.command(cls=_Command)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--ratio", "-r", default="0.4", show_default=True, help="Share of channels removed from every group, in [0, 1).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
+@click.option("--criterion", "-c", type=click.Choice(list(CRITERIA)), default="whc", show_default=True)
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts become multiples of this.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the full JSON report here.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime checks and latency measurement.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
+@click.option("--provider", help="ONNX Runtime provider for validation (cuda or cpu; default: the best available).")
+@_input_shape
+def prune(model, ratio, output, criterion, exclude, round_to, report_path, no_validate, seed, provider, input_shape):
+    """Remove the lowest-scoring filters of every prunable channel group."""
+    if output and same_file(model, output):
+        raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
+    if output:
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise UserInputError(f"-o {output}: folder {folder} does not exist")
+    pruned, report = prune_model(model, ratio=ratio, criterion=criterion, exclude=exclude, round_to=round_to,
+                                 seed=seed, validate=not no_validate, input_shapes=parse_input_shapes(input_shape),
+                                 provider=provider, progress=True)
+    removed = sum(len(g.removed) for g in report.groups)
+    click.echo(report.summary())
+    if report_path:
+        _write_text(report_path, report.to_json())
+    if not output:
+        click.echo("no -o given: nothing written", err=True)
+    elif removed == 0:
+        save(pruned, output)
+        click.echo(f"nothing to prune: wrote an unchanged copy to {output}")
+    else:
+        save(pruned, output)
+        click.echo(f"wrote {output}")
+
+
+@main.command(cls=_Command)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@_input_shape
+def analyze(model, as_json, input_shape):
+    """Show the channel groups: members, width, share of MACs, and why a group cannot be pruned."""
+    report = analyze_model(model, parse_input_shapes(input_shape))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+
+
+def _write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserInputError(f"--report {path}: folder {folder} does not exist")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,651 @@
+"""Channel-dependency analysis: which channels must be removed together, and which cannot.
+
+Every channel of every activation tensor is an *atom*. A Conv's output channels are fresh
+atoms; pass-through ops (activations, pools, BatchNorm, depthwise Conv...) give their output
+the atoms of their input; Concat/Split/Slice/Pad/Flatten re-index them. Ops that force two
+tensors to share channel indices (Add of a residual, Mul of an SE gate, grouped Conv positions)
+*couple* atoms with a union-find. A coupled set of atoms is one removable channel (a *class*);
+classes connected through tensors form a *group*, pruned at one rate. Atoms that cannot go
+(graph inputs/outputs, blockers) are *fixed*, and fix their whole group, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .load import LoadedModel
+from .ops import normalize_axis, rule_for
+
+
+@dataclass
+class Space:
+    """A run of fresh atoms: a Conv's filters ('conv'), zero padding ('pad') or untraceable channels ('fixed')."""
+
+    kind: str
+    node: str
+    start: int
+    size: int
+
+
+@dataclass
+class Producer:
+    """A weight whose slices along `axis` create (or, depthwise, follow) channels: the filters that get scored."""
+
+    node: gs.Node
+    atoms: np.ndarray  # the atom each filter writes
+    axis: int  # the weight's output-channel axis
+
+    def filters(self) -> np.ndarray:
+        weight = np.asarray(self.node.inputs[1].values)
+        return np.moveaxis(weight, self.axis, 0).reshape(weight.shape[self.axis], -1)
+
+
+@dataclass
+class ChannelGroup:
+    id: int
+    classes: np.ndarray  # root atom of each removable channel, in channel order
+    producers: list[tuple[Producer, np.ndarray]]  # with the class index of each of its filters
+    nodes: list[str]
+    reasons: list[str]  # why the group cannot be pruned; empty when it can
+
+    @property
+    def channels(self) -> int:
+        return len(self.classes)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+
+@dataclass
+class ChannelAnalysis:
+    groups: list[ChannelGroup]
+    maps: dict[str, np.ndarray]  # tensor name -> atom of each channel
+    roots: np.ndarray  # atom -> root of its class
+    spaces: list[Space] = field(default_factory=list)
+
+    def keep_mask(self, tensor_name: str, removed_roots: np.ndarray) -> np.ndarray | None:
+        """Which channels of a tensor survive when the given classes are removed."""
+        atoms = self.maps.get(tensor_name)
+        if atoms is None:
+            return None
+        return ~np.isin(self.roots[atoms], removed_roots)
+
+
+class _Tracer:
+    """Walks the graph once, in topological order, building atoms, couplings and fixes."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.opset = loaded.opset
+        self.parent: list[int] = []
+        self.space_of: list[int] = []
+        self.spaces: list[Space] = []
+        self.fixed: dict[int, str] = {}
+        self.maps: dict[str, np.ndarray] = {}
+        self.producers: list[Producer] = []
+        self.node_spaces: dict[str, set[int]] = defaultdict(set)
+
+    # ---- atoms -------------------------------------------------------------------------------
+    def new_space(self, kind: str, node: str, size: int, fixed_reason: str | None = None) -> np.ndarray:
+        start = len(self.parent)
+        atoms = np.arange(start, start + size, dtype=np.int64)
+        self.parent.extend(atoms.tolist())
+        self.space_of.extend([len(self.spaces)] * size)
+        self.spaces.append(Space(kind, node, start, size))
+        if fixed_reason:
+            self.fix(atoms, fixed_reason)
+        return atoms
+
+    def find(self, atom: int) -> int:
+        parent = self.parent
+        while parent[atom] != atom:
+            parent[atom] = parent[parent[atom]]
+            atom = parent[atom]
+        return atom
+
+    def couple(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def fix(self, atoms: np.ndarray, reason: str) -> None:
+        for atom in atoms.tolist():
+            self.fixed.setdefault(atom, reason)
+
+    # ---- tensors -----------------------------------------------------------------------------
+    def shape(self, tensor) -> tuple | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.values.shape)
+        return self.loaded.shapes.get(tensor.name)
+
+    def rank(self, tensor) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def map_of(self, tensor) -> np.ndarray | None:
+        return self.maps.get(tensor.name) if tensor is not None else None
+
+    def assign(self, node: gs.Node, tensor, atoms: np.ndarray) -> None:
+        self.maps[tensor.name] = atoms
+        self.touch(node, atoms)
+
+    def touch(self, node: gs.Node, atoms: np.ndarray | None) -> None:
+        if atoms is not None and len(atoms):
+            self.node_spaces[node.name].update(np.unique(np.asarray(self.space_of)[atoms]).tolist())
+
+    def opaque(self, node: gs.Node, tensor, reason: str) -> None:
+        """Channels nobody can trace: fresh atoms, fixed."""
+        shape = self.shape(tensor)
+        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] > 0:
+            self.assign(node, tensor, self.new_space("fixed", node.name, shape[1], reason))
+
+    def block(self, node: gs.Node, reason: str) -> None:
+        """Fix every channel the node reads and make its outputs untraceable."""
+        reason = f"{reason} (node {node.name})"
+        for tensor in node.inputs:
+            atoms = self.map_of(tensor)
+            if atoms is not None:
+                self.touch(node, atoms)
+                self.fix(atoms, reason)
+        for tensor in node.outputs:
+            self.opaque(node, tensor, reason)
+
+    def constant_values(self, node: gs.Node, index: int):
+        if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
+            return np.asarray(node.inputs[index].values)
+        return None
+
+    def has_input(self, node: gs.Node, index: int) -> bool:
+        return index < len(node.inputs) and node.inputs[index].name != ""
+
+
+# ---- one handler per rule kind ---------------------------------------------------------------
+
+def _elementwise(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    if node.op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].outputs:
+        return t.block(node, "MaxPool indices encode channel positions")
+    for index in rule_for(node.op).params:
+        if t.has_input(node, index) and t.constant_values(node, index) is None:
+            return t.block(node, f"{node.op} parameters are not constant")
+    rank = t.rank(node.inputs[0])
+    for out in node.outputs:
+        if out is node.outputs[0] or t.rank(out) == rank:
+            t.assign(node, out, atoms)
+
+
+def _broadcast(t: _Tracer, node: gs.Node) -> None:
+    out = node.outputs[0]
+    rank = t.rank(out)
+    tracked = [(x, t.map_of(x)) for x in node.inputs if t.map_of(x) is not None]
+    if rank is None or rank < 2:
+        if tracked:
+            t.block(node, f"{node.op} with an output of unknown or low rank")
+        return
+    channels = t.shape(out)[1]
+    atoms_list = []
+    for x in node.inputs:
+        shape = t.shape(x)
+        if isinstance(x, gs.Constant):
+            continue  # per-channel constants are sliced by surgery
+        atoms = t.map_of(x)
+        if atoms is None:
+            axis = None if shape is None else 1 - (rank - len(shape))
+            if shape is None or (axis is not None and 0 <= axis < len(shape) and shape[axis] != 1):
+                return t.block(node, f"{node.op} with an operand whose channels cannot be traced")
+            continue
+        if len(shape) != rank:
+            return t.block(node, f"{node.op} broadcasts tensors of different rank")
+        if len(atoms) == 1 and channels != 1:
+            continue  # one channel broadcast over all: couples nothing
+        atoms_list.append(atoms)
+    if not atoms_list:
+        return t.opaque(node, out, f"{node.op} of untraced tensors")
+    first = atoms_list[0]
+    for atoms in atoms_list[1:]:
+        if len(atoms) != len(first):
+            return t.block(node, f"{node.op} operands have different channel counts")
+        t.couple(first, atoms)
+    for atoms in atoms_list[1:]:
+        t.touch(node, atoms)
+    t.assign(node, out, first)
+
+
+def _conv(t: _Tracer, node: gs.Node) -> None:
+    x, weight, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    if not isinstance(weight, gs.Constant):
+        return t.block(node, "Conv weights are not constant")
+    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+        return t.block(node, "Conv bias is not constant")
+    atoms_in = t.map_of(x)
+    group = int(node.attrs.get("group", 1))
+    c_out, per_group_in = weight.values.shape[0], weight.values.shape[1]
+    if atoms_in is None:
+        return t.opaque(node, out, "Conv input of unknown shape")
+    t.touch(node, atoms_in)
+    if group == 1:
+        atoms = t.new_space("conv", node.name, c_out)
+        t.producers.append(Producer(node, atoms, 0))
+        return t.assign(node, out, atoms)
+    if c_out % group or len(atoms_in) != group * per_group_in:
+        return t.block(node, "grouped Conv with inconsistent channel counts")
+    if per_group_in == 1:
+        # Depthwise: each output channel follows one input channel; whole groups can go.
+        atoms = np.repeat(atoms_in, c_out // group)
+        t.producers.append(Producer(node, atoms, 0))
+        return t.assign(node, out, atoms)
+    # Grouped: keep every group the same size by removing the same positions in each.
+    blocks_in = atoms_in.reshape(group, per_group_in)
+    for k in range(1, group):
+        t.couple(blocks_in[0], blocks_in[k])
+    atoms = t.new_space("conv", node.name, c_out)
+    blocks_out = atoms.reshape(group, c_out // group)
+    for k in range(1, group):
+        t.couple(blocks_out[0], blocks_out[k])
+    t.producers.append(Producer(node, atoms, 0))
+    t.assign(node, out, atoms)
+
+
+def _conv_transpose(t: _Tracer, node: gs.Node) -> None:
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant) or int(node.attrs.get("group", 1)) != 1:
+        return t.block(node, "ConvTranspose with non-constant weights or groups")
+    t.touch(node, t.map_of(node.inputs[0]))
+    atoms = t.new_space("conv", node.name, weight.values.shape[1])
+    t.producers.append(Producer(node, atoms, 1))
+    t.assign(node, node.outputs[0], atoms)
+
+
+def _pad(t: _Tracer, node: gs.Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    atoms = t.map_of(x)
+    if atoms is None:
+        return
+    begin, end, ok = pad_amounts(node, t.rank(x), 1, t.opset)
+    if not ok:
+        return t.block(node, "Pad amounts are computed at run time")
+    batch_begin, batch_end, _ = pad_amounts(node, t.rank(x), 0, t.opset)
+    if batch_begin or batch_end:
+        return t.block(node, "Pad on the batch axis")
+    if begin == 0 and end == 0:
+        return t.assign(node, out, atoms)
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant" or begin < 0 or end < 0:
+        return t.block(node, f"Pad in mode {mode} on the channel axis")
+    padding = t.new_space("pad", node.name, begin + end)
+    t.touch(node, atoms)
+    t.assign(node, out, np.concatenate([padding[:begin], atoms, padding[begin:]]))
+
+
+def pad_amounts(node: gs.Node, rank: int, axis: int, opset: int) -> tuple[int, int, bool]:
+    """(begin, end, known) padding of one axis, for every opset's way of writing pads."""
+    if "pads" in node.attrs:
+        pads = list(node.attrs["pads"])
+        axes = list(range(rank))
+    else:
+        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            return 0, 0, False
+        pads = np.asarray(node.inputs[1].values).tolist()
+        axes = list(range(rank))
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            if not isinstance(node.inputs[3], gs.Constant):
+                return 0, 0, False
+            axes = [normalize_axis(int(a), rank) for a in np.asarray(node.inputs[3].values).ravel()]
+    if axis not in axes:
+        return 0, 0, True
+    i, n = axes.index(axis), len(axes)
+    return int(pads[i]), int(pads[i + n]), True
+
+
+def _concat(t: _Tracer, node: gs.Node) -> None:
+    out = node.outputs[0]
+    rank = t.rank(out)
+    parts = []
+    for x in node.inputs:
+        atoms = t.map_of(x)
+        if atoms is None:
+            shape = t.shape(x)
+            if shape is None or rank is None or rank < 2:
+                if any(t.map_of(y) is not None for y in node.inputs):
+                    return t.block(node, "Concat of tensors of unknown shape")
+                return
+            atoms = t.new_space("fixed", node.name, shape[1], f"constant channels joined by Concat (node {node.name})")
+        parts.append(atoms)
+    axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+    if axis == 1:
+        return t.assign(node, out, np.concatenate(parts))
+    if axis == 0 or any(len(p) != len(parts[0]) for p in parts):
+        return t.block(node, f"Concat on axis {axis}")
+    for p in parts[1:]:
+        t.couple(parts[0], p)
+        t.touch(node, p)
+    t.assign(node, out, parts[0])
+
+
+def split_sizes(node: gs.Node, channels: int) -> list[int] | None:
+    """The sizes a Split produces along its axis, however the opset writes them."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        if not isinstance(node.inputs[1], gs.Constant):
+            return None
+        return [int(s) for s in np.asarray(node.inputs[1].values).ravel()]
+    if "split" in node.attrs:
+        return [int(s) for s in node.attrs["split"]]
+    n = len(node.outputs)
+    if "num_outputs" in node.attrs:
+        n = int(node.attrs["num_outputs"])
+        size = -(-channels // n)
+        return [size] * (n - 1) + [channels - size * (n - 1)]
+    return [channels // n] * n
+
+
+def _split(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    axis = normalize_axis(int(node.attrs.get("axis", 0)), t.rank(node.inputs[0]))
+    if axis != 1:
+        if axis == 0:
+            return t.block(node, "Split on the batch axis")
+        for out in node.outputs:
+            t.assign(node, out, atoms)
+        return
+    sizes = split_sizes(node, len(atoms))
+    if sizes is None or sum(sizes) != len(atoms):
+        return t.block(node, "Split sizes are computed at run time")
+    offsets = np.cumsum([0] + sizes)
+    for out, lo, hi in zip(node.outputs, offsets[:-1], offsets[1:]):
+        t.assign(node, out, atoms[lo:hi])
+
+
+def slice_params(node: gs.Node, rank: int) -> dict[int, tuple[int, int, int]] | None:
+    """{axis: (start, end, step)} of a Slice with constant parameters, else None."""
+    if "starts" in node.attrs:  # opset < 10
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes = node.attrs.get("axes", list(range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        values = []
+        for index in range(1, 5):
+            if index < len(node.inputs) and node.inputs[index].name:
+                if not isinstance(node.inputs[index], gs.Constant):
+                    return None
+                values.append(np.asarray(node.inputs[index].values).ravel().tolist())
+            else:
+                values.append(None)
+        starts, ends, axes, steps = values
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+    return {normalize_axis(int(a), rank): (int(s), int(e), int(st)) for a, s, e, st in zip(axes, starts, ends, steps)}
+
+
+def _slice(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    params = slice_params(node, t.rank(node.inputs[0]))
+    if params is None:
+        return t.block(node, "Slice bounds are computed at run time")
+    if 1 not in params:
+        return t.assign(node, node.outputs[0], atoms)
+    start, end, step = params[1]
+    if step != 1:
+        return t.block(node, f"Slice with step {step} on the channel axis")
+    lo, hi, _ = slice(start, end, step).indices(len(atoms))
+    t.touch(node, atoms)
+    t.assign(node, node.outputs[0], atoms[lo:max(lo, hi)])
+
+
+def _flatten(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    shape = t.shape(node.inputs[0])
+    axis = normalize_axis(int(node.attrs.get("axis", 1)), len(shape))
+    if axis != 1 or any(not isinstance(d, int) for d in shape[2:]):
+        return t.block(node, f"Flatten on axis {axis} mixes channels with other axes")
+    # Feature index after flattening is c * H * W + hw: each channel repeats H*W times.
+    t.assign(node, node.outputs[0], np.repeat(atoms, int(np.prod(shape[2:], dtype=np.int64))))
+
+
+def _reshape(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    src, dst = t.shape(node.inputs[0]), t.shape(node.outputs[0])
+    if src is None or dst is None or any(not isinstance(d, int) for d in src + dst):
+        return t.block(node, "Reshape with unknown shapes")
+    if not isinstance(node.inputs[1], gs.Constant) and _shape_source_mentions(node.inputs[1], dst[1]):
+        return t.block(node, "Reshape target shape is computed at run time from the channel count")
+    if len(dst) == 2 and dst[0] == src[0] and len(src) >= 2:
+        return t.assign(node, node.outputs[0], np.repeat(atoms, int(np.prod(src[2:], dtype=np.int64))))
+    if len(dst) >= 2 and dst[:2] == src[:2] and np.prod(dst[2:]) == np.prod(src[2:]):
+        return t.assign(node, node.outputs[0], atoms)
+    t.block(node, f"Reshape {'x'.join(map(str, src))} -> {'x'.join(map(str, dst))} mixes channels")
+
+
+def _shape_source_mentions(tensor, value: int) -> bool:
+    """Whether a run-time shape computation uses the literal channel/feature count."""
+    if value in (0, 1):
+        return False
+    stack, seen = [tensor], set()
+    while stack:
+        current = stack.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        if isinstance(current, gs.Constant):
+            if np.any(np.asarray(current.values) == value):
+                return True
+            continue
+        for producer in current.inputs:
+            stack.extend(producer.inputs)
+    return False
+
+
+def _gemm(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return t.opaque(node, node.outputs[0], "Gemm outputs are not pruned")
+    transposed = node.op == "Gemm" and int(node.attrs.get("transA", 0))
+    if transposed or not isinstance(node.inputs[1], gs.Constant) or t.rank(node.inputs[0]) != 2:
+        return t.block(node, f"{node.op} over a non-2-D input or non-constant weights")
+    t.touch(node, atoms)
+    t.opaque(node, node.outputs[0], f"{node.op} outputs are not pruned")
+
+
+def _transpose(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    perm = list(node.attrs.get("perm", []))
+    if perm[:2] == [0, 1]:
+        return t.assign(node, node.outputs[0], atoms)
+    t.block(node, "Transpose moves the channel axis")
+
+
+def _axes(t: _Tracer, node: gs.Node, rank: int) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [normalize_axis(int(a), rank) for a in node.attrs["axes"]]
+    values = t.constant_values(node, 1)
+    if values is None:
+        return None if t.has_input(node, 1) else []
+    return [normalize_axis(int(a), rank) for a in values.ravel()]
+
+
+def _squeeze(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    out_rank = t.rank(node.outputs[0])
+    rank = t.rank(node.inputs[0]) if node.op == "Squeeze" else out_rank
+    axes = _axes(t, node, rank)
+    if axes is None or not axes and node.op == "Squeeze" or {0, 1} & set(axes or []):
+        return t.block(node, f"{node.op} moves the channel axis")
+    t.assign(node, node.outputs[0], atoms)
+
+
+def _reduce(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    axes = _axes(t, node, t.rank(node.inputs[0]))
+    if not axes or {0, 1} & set(axes):
+        return t.block(node, f"{node.op} reduces over the channel or batch axis")
+    t.assign(node, node.outputs[0], atoms)
+
+
+def _resize(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    scale_index = 1 if node.op == "Upsample" or t.opset < 11 else 2
+    scales = t.constant_values(node, scale_index)
+    sizes = t.constant_values(node, 3) if node.op == "Resize" and t.opset >= 11 else None
+    if scales is None and t.has_input(node, scale_index) and node.inputs[scale_index].name:
+        if not (t.has_input(node, 3) and sizes is not None):
+            return t.block(node, f"{node.op} scales are computed at run time")
+    if scales is not None and scales.size > 1 and scales.ravel()[1] != 1:
+        return t.block(node, f"{node.op} scales the channel axis")
+    if t.has_input(node, 3) and node.op == "Resize" and sizes is None:
+        return t.block(node, "Resize sizes are computed at run time")
+    t.assign(node, node.outputs[0], atoms)
+
+
+def _softmax(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    rank = t.rank(node.inputs[0])
+    axis = normalize_axis(int(node.attrs.get("axis", -1 if t.opset >= 13 else 1)), rank)
+    if axis <= 1:
+        return t.block(node, f"{node.op} over the channel axis")
+    t.assign(node, node.outputs[0], atoms)
+
+
+def _layernorm(t: _Tracer, node: gs.Node) -> None:
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None:
+        return
+    axis = normalize_axis(int(node.attrs.get("axis", -1)), t.rank(node.inputs[0]))
+    if axis <= 1:
+        return t.block(node, "LayerNormalization over the channel axis")
+    for out in node.outputs[:1]:
+        t.assign(node, out, atoms)
+
+
+def _shape_only(t: _Tracer, node: gs.Node) -> None:
+    """Shape/Size read no channel values; what they compute adapts to the pruned model."""
+
+
+def _blocker(t: _Tracer, node: gs.Node) -> None:
+    t.block(node, rule_for(node.op).reason)
+
+
+HANDLERS = {
+    "elementwise": _elementwise, "broadcast": _broadcast, "conv": _conv, "conv_transpose": _conv_transpose,
+    "pad": _pad, "concat": _concat, "split": _split, "slice": _slice, "flatten": _flatten,
+    "reshape": _reshape, "gemm": _gemm, "matmul": _gemm, "transpose": _transpose, "squeeze": _squeeze,
+    "reduce": _reduce, "resize": _resize, "softmax": _softmax, "layernorm": _layernorm,
+    "shape_only": _shape_only, "blocker": _blocker,
+}
+
+
+def _captured_names(graph: gs.Graph) -> set[str]:
+    """Outer tensors read inside a subgraph (If/Loop/Scan bodies)."""
+    names = set()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                inner = {t.name for n in value.nodes for t in n.outputs} | {t.name for t in value.inputs}
+                names |= {t.name for n in value.nodes for t in n.inputs if t.name not in inner}
+                names |= _captured_names(value)
+    return names
+
+
+def analyze_channels(loaded: LoadedModel) -> ChannelAnalysis:
+    """Trace every channel through the graph and group the removable ones."""
+    graph = loaded.graph
+    tracer = _Tracer(loaded)
+    for tensor in graph.inputs:
+        shape = loaded.shapes.get(tensor.name)
+        if shape is not None and len(shape) >= 2:
+            tracer.maps[tensor.name] = tracer.new_space("fixed", tensor.name, shape[1],
+                                                        f"comes from graph input '{tensor.name}'")
+    for node in graph.nodes:
+        HANDLERS[rule_for(node.op).kind](tracer, node)
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            captured = _captured_names(gs.Graph(nodes=[node]))
+            for name in captured:
+                if name in tracer.maps:
+                    tracer.fix(tracer.maps[name], f"captured by a subgraph of {node.op} node {node.name}")
+    for tensor in graph.outputs:
+        if tensor.name in tracer.maps:
+            tracer.fix(tracer.maps[tensor.name], f"feeds graph output '{tensor.name}'")
+    return _build_groups(tracer)
+
+
+def _build_groups(t: _Tracer) -> ChannelAnalysis:
+    roots = np.array([t.find(a) for a in range(len(t.parent))], dtype=np.int64)
+    space_of = np.asarray(t.space_of, dtype=np.int64)
+    # Spaces joined by any coupling form one group.
+    space_parent = list(range(len(t.spaces)))
+
+    def find_space(s):
+        while space_parent[s] != s:
+            space_parent[s] = space_parent[space_parent[s]]
+            s = space_parent[s]
+        return s
+
+    for atom, root in zip(range(len(roots)), roots.tolist()):
+        a, b = find_space(space_of[atom]), find_space(space_of[root])
+        if a != b:
+            space_parent[max(a, b)] = min(a, b)
+    group_of_space = np.array([find_space(s) for s in range(len(t.spaces))], dtype=np.int64)
+
+    reasons_by_root: dict[int, list[str]] = defaultdict(list)
+    for atom, reason in t.fixed.items():
+        reasons_by_root[int(roots[atom])].append(reason)
+    producers_by_group = defaultdict(list)
+    for producer in t.producers:
+        producers_by_group[int(group_of_space[space_of[producer.atoms[0]]])].append(producer)
+    nodes_by_group = defaultdict(set)
+    for node, spaces in t.node_spaces.items():
+        for g in set(group_of_space[list(spaces)].tolist()):
+            nodes_by_group[g].add(node)
+    node_order = {}
+    for producer in t.producers:
+        node_order.setdefault(producer.node.name, len(node_order))
+
+    groups = []
+    for g in sorted(set(group_of_space.tolist())):
+        atoms = np.concatenate([np.arange(s.start, s.start + s.size) for i, s in enumerate(t.spaces)
+                                if group_of_space[i] == g])
+        if not len(atoms):
+            continue
+        group_roots = roots[atoms]
+        _, first = np.unique(group_roots, return_index=True)
+        classes = group_roots[np.sort(first)]
+        class_index = {int(r): i for i, r in enumerate(classes.tolist())}
+        producers = [(p, np.array([class_index[int(r)] for r in roots[p.atoms]], dtype=np.int64))
+                     for p in producers_by_group.get(g, [])]
+        reasons = []
+        for root in classes.tolist():
+            for reason in reasons_by_root.get(root, ()):
+                if reason not in reasons:
+                    reasons.append(reason)
+        if not producers:
+            if all(t.spaces[i].kind != "conv" for i in np.flatnonzero(group_of_space == g)):
+                continue  # graph inputs, constants, padding alone: nothing was ever removable
+            reasons.append("no filters to score")
+        nodes = sorted(nodes_by_group.get(g, ()), key=lambda n: (node_order.get(n, len(node_order)), n))
+        groups.append(ChannelGroup(len(groups), classes, producers, nodes, reasons))
+    return ChannelAnalysis(groups, t.maps, roots, t.spaces)

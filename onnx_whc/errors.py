@@ -1,0 +1,19 @@
+"""Errors that reach the user as one clear line."""
+
+
+class OnnxWhcError(Exception):
+    """Base class; str(err) is the message shown to the user."""
+
+    exit_code = 2
+
+
+class UserInputError(OnnxWhcError):
+    """Bad input file, option or data: exit code 2."""
+
+    exit_code = 2
+
+
+class ValidationError(OnnxWhcError):
+    """The pruned model failed validation: exit code 1."""
+
+    exit_code = 1

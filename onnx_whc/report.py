@@ -1,0 +1,135 @@
+"""What a prune or an analysis did, as data, as JSON and as a short terminal summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .dependency import ChannelAnalysis
+from .metrics import Cost, node_macs
+from .select import PrunePlan
+from .validate import Validation
+
+
+@dataclass
+class GroupReport:
+    id: int
+    channels: int
+    producers: list[str]
+    nodes: list[str]
+    macs_share: float
+    prunable: bool
+    reasons: list[str]
+    removed: list[int] = field(default_factory=list)  # class indices, in the group's channel order
+    kept_by_layer: dict[str, list[int]] = field(default_factory=dict)  # original output-channel indices kept
+    removed_by_layer: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class AnalysisReport:
+    groups: list[GroupReport]
+    macs: int
+    params: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} channel groups, {sum(g.prunable for g in self.groups)} prunable; "
+                 f"{self.macs / 1e6:.1f} M MACs, {self.params / 1e6:.3f} M params"]
+        for g in self.groups:
+            state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons[:2])
+            members = ", ".join(g.producers[:3]) + (f" (+{len(g.producers) - 3})" if len(g.producers) > 3 else "")
+            lines.append(f"  group {g.id:3d}  {g.channels:5d} ch  {100 * g.macs_share:5.1f}% MACs  "
+                         f"{members or '-'}  [{state}]")
+        return "\n".join(lines)
+
+
+@dataclass
+class PruneReport:
+    ratio: float | None
+    criterion: str
+    round_to: int
+    before: dict
+    after: dict
+    groups: list[GroupReport]
+    validation: dict | None = None
+    recovery: dict | None = None
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def macs_kept(self) -> float:
+        return self.after["macs"] / self.before["macs"] if self.before["macs"] else 1.0
+
+    @property
+    def params_kept(self) -> float:
+        return self.after["params"] / self.before["params"] if self.before["params"] else 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["macs_kept"], data["params_kept"] = self.macs_kept, self.params_kept
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        pruned = [g for g in self.groups if g.removed]
+        lines = [
+            f"pruned {sum(len(g.removed) for g in pruned)} channels in {len(pruned)} of {len(self.groups)} groups "
+            f"({self.criterion}, ratio {self.ratio})",
+            f"MACs   {self.before['macs'] / 1e6:10.2f} M -> {self.after['macs'] / 1e6:10.2f} M  "
+            f"({100 * (1 - self.macs_kept):.1f}% fewer)",
+            f"params {self.before['params'] / 1e6:10.3f} M -> {self.after['params'] / 1e6:10.3f} M  "
+            f"({100 * (1 - self.params_kept):.1f}% fewer)",
+        ]
+        fixed = [g for g in self.groups if not g.prunable]
+        if fixed:
+            lines.append(f"{len(fixed)} groups left whole, e.g. group {fixed[0].id}: {fixed[0].reasons[0]}")
+        if self.recovery:
+            lines.append(f"recovery {self.recovery.get('method')}: {self.recovery.get('summary', '')}")
+        if self.validation:
+            v = self.validation
+            fid = ", ".join(f"{k} {c:.4f}" for k, c in v["fidelity"].items())
+            lines.append(f"fidelity (cosine vs original): {fid}")
+            lines.append(f"latency  {v['latency_ms_before']:.2f} ms -> {v['latency_ms_after']:.2f} ms "
+                         f"({v['speedup']:.2f}x, {v['provider']}, batch 1, median)")
+        return "\n".join(lines)
+
+
+def group_reports(analysis: ChannelAnalysis, shapes: dict, total_macs: int, graph,
+                  plan: PrunePlan | None = None) -> list[GroupReport]:
+    nodes = {n.name: n for n in graph.nodes}
+    decisions = {d.group.id: d for d in plan.decisions} if plan else {}
+    reports = []
+    for group in analysis.groups:
+        macs = sum(node_macs(nodes[n], shapes) for n in group.nodes if n in nodes)
+        decision = decisions.get(group.id)
+        reasons = list(group.reasons) or ([decision.skipped] if decision and decision.skipped else [])
+        report = GroupReport(
+            id=group.id,
+            channels=group.channels,
+            producers=[p.node.name for p, _ in group.producers],
+            nodes=list(group.nodes),
+            macs_share=macs / total_macs if total_macs else 0.0,
+            prunable=not reasons,
+            reasons=reasons,
+        )
+        if decision is not None and len(decision.removed):
+            report.removed = decision.removed.tolist()
+            for producer, class_index in group.producers:
+                gone = set(report.removed)
+                report.kept_by_layer[producer.node.name] = [i for i, c in enumerate(class_index.tolist()) if c not in gone]
+                report.removed_by_layer[producer.node.name] = [i for i, c in enumerate(class_index.tolist()) if c in gone]
+        reports.append(report)
+    return reports
+
+
+def cost_dict(cost: Cost) -> dict:
+    return {"macs": cost.macs, "params": cost.params}
+
+
+def validation_dict(v: Validation) -> dict:
+    data = asdict(v)
+    data["speedup"] = v.speedup
+    return data

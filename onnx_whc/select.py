@@ -1,0 +1,162 @@
+"""Choose which channels of each group to remove.
+
+A group's removable channel (class) may be written by several filters (residual adds couple
+several convs; a depthwise conv follows its input): each producer's scores are scaled to a
+maximum of 1 and a class's importance is the mean over its filters (Torch-Pruning's 'mean'
+group reduction). The lowest floor(ratio * N) classes go, rounded so the kept count is a
+multiple of `round_to`, never emptying any tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .criteria import CRITERIA
+from .dependency import ChannelAnalysis, ChannelGroup
+from .errors import UserInputError
+
+
+@dataclass
+class GroupDecision:
+    group: ChannelGroup
+    removed: np.ndarray  # class indices removed, ascending
+    skipped: str = ""  # why the group was left whole
+
+    @property
+    def kept(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.group.channels), self.removed)
+
+
+@dataclass
+class PrunePlan:
+    decisions: list[GroupDecision]
+
+    @property
+    def removed_roots(self) -> np.ndarray:
+        parts = [d.group.classes[d.removed] for d in self.decisions if len(d.removed)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    @property
+    def removed_channels(self) -> int:
+        return int(sum(len(d.removed) for d in self.decisions))
+
+
+def class_importance(group: ChannelGroup, criterion: str, rng: np.random.Generator) -> np.ndarray:
+    """Importance of each class of a group from its producers' filter scores."""
+    total = np.zeros(group.channels)
+    count = np.zeros(group.channels)
+    for producer, class_index in group.producers:
+        scores = np.asarray(CRITERIA[criterion](producer.filters(), rng), dtype=np.float64)
+        peak = scores.max() if scores.size else 0.0
+        scores = scores / peak if peak > 0 else scores
+        total += np.bincount(class_index, weights=scores, minlength=group.channels)
+        count += np.bincount(class_index, minlength=group.channels)
+    return total / np.maximum(count, 1)
+
+
+def channels_to_keep(n: int, ratio: float, round_to: int) -> int:
+    """Kept channel count: n - floor(ratio * n), rounded up to a multiple of round_to, at least 1."""
+    keep = n - math.floor(ratio * n + 1e-9)
+    if round_to > 1:
+        keep = min(n, -(-keep // round_to) * round_to)
+    return max(1, keep)
+
+
+def _constraints(analysis: ChannelAnalysis) -> dict[int, list[np.ndarray]]:
+    """Per group, the sets of classes of which at least one must survive (one per tensor)."""
+    position = {}
+    for group in analysis.groups:
+        for index, root in enumerate(group.classes.tolist()):
+            position[root] = (group.id, index)
+    found: dict[int, dict[bytes, np.ndarray]] = {}
+    for atoms in analysis.maps.values():
+        roots = np.unique(analysis.roots[atoms])
+        by_group: dict[int, list[int]] = {}
+        for root in roots.tolist():
+            if root in position:
+                gid, index = position[root]
+                by_group.setdefault(gid, []).append(index)
+        for gid, indices in by_group.items():
+            arr = np.asarray(indices, dtype=np.int64)
+            found.setdefault(gid, {})[arr.tobytes()] = arr
+    return {gid: list(sets.values()) for gid, sets in found.items()}
+
+
+def _quotas(group: ChannelGroup, rate: float, round_to: int) -> list[tuple[np.ndarray, int]]:
+    """Each filter-carrying layer may lose at most its own share: the paper's per-layer rate.
+
+    Matters where groups of different widths are coupled (option-A shortcuts join all stages of
+    a CIFAR ResNet): without it, removals would pile up in one narrow stage.
+    """
+    quotas = {}
+    for _, class_index in group.producers:
+        classes = np.unique(class_index)
+        quotas[classes.tobytes()] = (classes, len(classes) - channels_to_keep(len(classes), rate, round_to))
+    return list(quotas.values())
+
+
+def _greedy_remove(order: np.ndarray, n_remove: int, keep_one_of: list[np.ndarray],
+                   quotas: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Remove classes in `order` while every tensor keeps a channel and every layer stays in quota."""
+    room = [len(c) - 1 for c in keep_one_of] + [q for _, q in quotas]
+    member_of: dict[int, list[int]] = {}
+    for cid, classes in enumerate(keep_one_of + [c for c, _ in quotas]):
+        for index in classes.tolist():
+            member_of.setdefault(index, []).append(cid)
+    removed = []
+    for index in order.tolist():
+        if len(removed) == n_remove:
+            break
+        cids = member_of.get(index, [])
+        if any(room[cid] <= 0 for cid in cids):
+            continue
+        for cid in cids:
+            room[cid] -= 1
+        removed.append(index)
+    return np.sort(np.asarray(removed, dtype=np.int64))
+
+
+def excluded_by(group: ChannelGroup, patterns: tuple[str, ...]) -> str:
+    for producer, _ in group.producers:
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(producer.node.name, pattern):
+                return f"excluded by --exclude '{pattern}' ({producer.node.name})"
+    return ""
+
+
+def select(
+    analysis: ChannelAnalysis,
+    ratio: float | dict[int, float],
+    criterion: str = "whc",
+    round_to: int = 1,
+    exclude: tuple[str, ...] = (),
+    seed: int = 0,
+    importance: Callable[[ChannelGroup], np.ndarray] | None = None,
+    progress: Callable | None = None,
+) -> PrunePlan:
+    """Decide the removed classes of every group; `ratio` may be one rate or one per group id."""
+    if criterion not in CRITERIA:
+        raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
+    if round_to < 1:
+        raise UserInputError("--round-to must be at least 1")
+    rng = np.random.default_rng(seed)
+    constraints = _constraints(analysis)
+    decisions = []
+    groups = progress(analysis.groups) if progress else analysis.groups
+    for group in groups:
+        rate = ratio.get(group.id, 0.0) if isinstance(ratio, dict) else ratio
+        skipped = "; ".join(group.reasons) or excluded_by(group, exclude)
+        n_remove = group.channels - channels_to_keep(group.channels, rate, round_to)
+        if skipped or n_remove <= 0:
+            decisions.append(GroupDecision(group, np.zeros(0, dtype=np.int64), skipped))
+            continue
+        scores = importance(group) if importance else class_importance(group, criterion, rng)
+        order = np.argsort(scores, kind="stable")
+        removed = _greedy_remove(order, n_remove, constraints.get(group.id, []), _quotas(group, rate, round_to))
+        decisions.append(GroupDecision(group, removed))
+    return PrunePlan(decisions)

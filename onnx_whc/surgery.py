@@ -1,0 +1,214 @@
+"""Graph surgery: remove the planned channels from every weight, parameter and index.
+
+One rewrite per rule kind, mirroring `dependency`. Sliced weights become new constants so an
+initializer shared by several nodes is never changed under another reader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .dependency import ChannelAnalysis, pad_amounts, slice_params, split_sizes
+from .load import LoadedModel
+from .ops import consumer_weight_axis, normalize_axis, param_channel_axis, rule_for
+from .select import PrunePlan
+
+
+class _Surgeon:
+    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, plan: PrunePlan):
+        self.loaded = loaded
+        self.analysis = analysis
+        self.removed = plan.removed_roots
+        self.readers = {}
+        for node in loaded.graph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant):
+                    self.readers[tensor.name] = self.readers.get(tensor.name, 0) + 1
+
+    def keep(self, tensor) -> np.ndarray | None:
+        mask = self.analysis.keep_mask(tensor.name, self.removed) if tensor is not None else None
+        return None if mask is None or mask.all() else mask
+
+    def rank(self, tensor) -> int:
+        return len(self.loaded.shapes[tensor.name])
+
+    def set_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        old = node.inputs[index]
+        name = old.name if self.readers.get(old.name, 0) <= 1 else f"{old.name}__{node.name}"
+        node.inputs[index] = gs.Constant(name, np.ascontiguousarray(values))
+
+    def slice_input(self, node: gs.Node, index: int, axis: int, mask: np.ndarray) -> None:
+        values = np.asarray(node.inputs[index].values)
+        self.set_input(node, index, np.compress(mask, values, axis=axis))
+
+
+def _elementwise(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.inputs[0])
+    if mask is None:
+        return
+    for index in rule_for(node.op).params:
+        if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
+            shape = node.inputs[index].values.shape
+            axis = param_channel_axis(node.op, shape, s.rank(node.inputs[0]))
+            if axis is not None and shape[axis] == len(mask):
+                s.slice_input(node, index, axis, mask)
+
+
+def _broadcast(s: _Surgeon, node: gs.Node) -> None:
+    out = node.outputs[0]
+    mask = s.keep(out)
+    if mask is None:
+        return
+    for index, tensor in enumerate(node.inputs):
+        if isinstance(tensor, gs.Constant):
+            axis = param_channel_axis(node.op, tensor.values.shape, s.rank(out))
+            if axis is not None and tensor.values.shape[axis] == len(mask):
+                s.slice_input(node, index, axis, mask)
+
+
+def _conv(s: _Surgeon, node: gs.Node) -> None:
+    mask_in, mask_out = s.keep(node.inputs[0]), s.keep(node.outputs[0])
+    if mask_in is None and mask_out is None:
+        return
+    weight = np.asarray(node.inputs[1].values)
+    group = int(node.attrs.get("group", 1))
+    if mask_out is not None:
+        weight = weight[mask_out]
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            s.slice_input(node, 2, 0, mask_out)
+    if group > 1 and weight.shape[1] == 1:
+        # Depthwise: whole groups went; the group count follows the input channels.
+        node.attrs["group"] = int(mask_in.sum()) if mask_in is not None else group
+    elif mask_in is not None:
+        weight = weight[:, mask_in.reshape(group, -1)[0]]
+    s.set_input(node, 1, weight)
+
+
+def _conv_transpose(s: _Surgeon, node: gs.Node) -> None:
+    mask_in, mask_out = s.keep(node.inputs[0]), s.keep(node.outputs[0])
+    weight = np.asarray(node.inputs[1].values)
+    if mask_in is not None:
+        weight = weight[mask_in]
+    if mask_out is not None:
+        weight = weight[:, mask_out]
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            s.slice_input(node, 2, 0, mask_out)
+    if mask_in is not None or mask_out is not None:
+        s.set_input(node, 1, weight)
+
+
+def _pad(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.outputs[0])
+    rank = s.rank(node.inputs[0])
+    begin, end, _ = pad_amounts(node, rank, 1, s.loaded.opset)
+    if mask is None or (begin == 0 and end == 0):
+        return
+    new_begin, new_end = int(mask[:begin].sum()), int(mask[len(mask) - end:].sum()) if end else 0
+    if "pads" in node.attrs:
+        pads = list(node.attrs["pads"])
+        pads[1], pads[1 + rank] = new_begin, new_end
+        node.attrs["pads"] = pads
+        return
+    pads = np.asarray(node.inputs[1].values).copy()
+    axes = list(range(rank))
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        axes = [normalize_axis(int(a), rank) for a in np.asarray(node.inputs[3].values).ravel()]
+    i = axes.index(1)
+    pads[i], pads[i + len(axes)] = new_begin, new_end
+    s.set_input(node, 1, pads)
+
+
+def _split(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.inputs[0])
+    if mask is None or normalize_axis(int(node.attrs.get("axis", 0)), s.rank(node.inputs[0])) != 1:
+        return
+    sizes = split_sizes(node, len(mask))
+    offsets = np.cumsum([0] + sizes)
+    new_sizes = np.array([mask[lo:hi].sum() for lo, hi in zip(offsets[:-1], offsets[1:])], dtype=np.int64)
+    node.attrs.pop("num_outputs", None)
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        s.set_input(node, 1, new_sizes)
+    elif s.loaded.opset >= 13:
+        node.inputs.append(gs.Constant(f"{node.name}__split", new_sizes))
+    else:
+        node.attrs["split"] = new_sizes.tolist()
+
+
+def _slice(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.inputs[0])
+    rank = s.rank(node.inputs[0])
+    params = slice_params(node, rank)
+    if mask is None or 1 not in params:
+        return
+    start, end, step = params[1]
+    lo, hi, _ = slice(start, end, step).indices(len(mask))
+    hi = max(lo, hi)
+    new_lo = int(mask[:lo].sum())
+    new_hi = new_lo + int(mask[lo:hi].sum())
+    if "starts" in node.attrs:
+        axes = [normalize_axis(int(a), rank) for a in node.attrs.get("axes", range(len(node.attrs["starts"])))]
+        i = axes.index(1)
+        for key, value in (("starts", new_lo), ("ends", new_hi)):
+            values = list(node.attrs[key])
+            values[i] = value
+            node.attrs[key] = values
+        return
+    n = len(np.asarray(node.inputs[1].values).ravel())
+    axes = list(range(n))
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        axes = [normalize_axis(int(a), rank) for a in np.asarray(node.inputs[3].values).ravel()]
+    i = axes.index(1)
+    for index, value in ((1, new_lo), (2, new_hi)):
+        values = np.asarray(node.inputs[index].values).copy().reshape(-1)
+        values[i] = value
+        s.set_input(node, index, values)
+
+
+def _reshape(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.outputs[0])
+    if mask is None or not isinstance(node.inputs[1], gs.Constant):
+        return
+    shape = np.asarray(node.inputs[1].values).copy()
+    if shape[1] > 0:
+        shape[1] = int(mask.sum())
+        s.set_input(node, 1, shape)
+
+
+def _resize(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.outputs[0])
+    if mask is None or node.op != "Resize" or len(node.inputs) < 4 or not isinstance(node.inputs[3], gs.Constant):
+        return
+    sizes = np.asarray(node.inputs[3].values).copy()
+    sizes[1] = int(mask.sum())
+    s.set_input(node, 3, sizes)
+
+
+def _consumer(s: _Surgeon, node: gs.Node) -> None:
+    mask = s.keep(node.inputs[0])
+    if mask is not None:
+        index, axis = consumer_weight_axis(node)
+        s.slice_input(node, index, axis, mask)
+
+
+REWRITES = {
+    "elementwise": _elementwise, "broadcast": _broadcast, "conv": _conv, "conv_transpose": _conv_transpose,
+    "pad": _pad, "split": _split, "slice": _slice, "reshape": _reshape, "resize": _resize,
+    "gemm": _consumer, "matmul": _consumer,
+}
+
+
+def apply_plan(loaded: LoadedModel, analysis: ChannelAnalysis, plan: PrunePlan) -> gs.Graph:
+    """Rewrite `loaded.graph` in place so the planned channels no longer exist."""
+    surgeon = _Surgeon(loaded, analysis, plan)
+    graph = loaded.graph
+    for node in list(graph.nodes):
+        rewrite = REWRITES.get(rule_for(node.op).kind)
+        if rewrite:
+            rewrite(surgeon, node)
+    keep_shapes = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in keep_shapes:
+            tensor.shape = None  # stale channel counts; ONNX Runtime infers them again
+    graph.cleanup().toposort()
+    return graph

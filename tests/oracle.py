@@ -1,0 +1,49 @@
+"""Prune a model through the stages and compare it with the consumer-zeroed original."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_whc.dependency import analyze_channels
+from onnx_whc.equivalence import export, zeroed_reference
+from onnx_whc.load import load
+from onnx_whc.select import select
+from onnx_whc.surgery import apply_plan
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def random_feeds(loaded, batch: int = 2, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in loaded.graph.inputs:
+        shape = (batch,) + tuple(loaded.input_shapes[tensor.name][1:])
+        dtype = np.float16 if tensor.dtype == np.float16 else np.float32
+        feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def prune_and_compare(model, ratio: float, criterion: str = "whc", round_to: int = 1, seed: int = 0,
+                      rtol: float = 1e-4, atol: float = 1e-5, input_shapes=None):
+    """Prune; assert checker, output shapes and the zeroed-consumer oracle. Returns (pruned, plan)."""
+    loaded = load(model, input_shapes)
+    analysis = analyze_channels(loaded)
+    plan = select(analysis, ratio, criterion, round_to, seed=seed)
+    reference = zeroed_reference(loaded, analysis, plan.removed_roots)
+    feeds = random_feeds(loaded)
+    apply_plan(loaded, analysis, plan)
+    pruned = export(loaded.graph, loaded)
+    onnx.checker.check_model(pruned, full_check=True)
+    expected, actual = run(reference, feeds), run(pruned, feeds)
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        assert e.shape == a.shape
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+    return pruned, plan
