@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import functools
 from pathlib import Path
-from typing import Optional, Union
-
 import numpy as np
 import onnxruntime as ort
 
@@ -21,7 +19,7 @@ DATASETS = {
 }
 
 
-def load_split(dataset: str, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(dataset: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(inputs float32 N×3×H×W, labels int64) of `split` ("calib" or "eval").
 
     `limit` keeps that many evenly spaced rows; the label files are sorted by class, so this
@@ -35,7 +33,8 @@ def load_split(dataset: str, split: str, limit: Optional[int] = None) -> tuple[n
 
 
 @functools.lru_cache(maxsize=8)
-def _load_split(dataset: str, split: str, limit: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+def _load_split(dataset: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Uncached load_split, so the cache key is exactly (dataset, split, limit)."""
     folder, preprocess = DATASETS[dataset]
     root = SHARED / "data" / folder
     with open(root / "labels.csv", newline="") as f:
@@ -48,7 +47,7 @@ def _load_split(dataset: str, split: str, limit: Optional[int]) -> tuple[np.ndar
     return inputs, labels
 
 
-def accuracy(model: Union[str, Path, bytes], inputs: np.ndarray, labels: np.ndarray, batch: int = 256) -> float:
+def accuracy(model: str | Path | bytes, inputs: np.ndarray, labels: np.ndarray, batch: int = 256) -> float:
     """Top-1 accuracy (0..1) of an ONNX model (path or serialized bytes) on CPU."""
     session = ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]

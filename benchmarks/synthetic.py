@@ -367,6 +367,13 @@ def _copy_except(dst, src, skip: str) -> None:
     _copy_fields(dst, src, lambda field: field.name != skip)
 
 
+def _stub_of(stub: TensorProto, tensor: TensorProto) -> None:
+    """Copies a tensor's name, type and shape but not its data."""
+    # Field by field on purpose: ListFields() would materialize raw_data.
+    stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
+    stub.dims.extend(tensor.dims)
+
+
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of model whose large initializers keep shapes but drop their bytes."""
     skel = onnx.ModelProto()
@@ -376,7 +383,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         if _numel(tensor) <= 16:
             skel.graph.initializer.add().CopyFrom(tensor)
         else:
-            _copy_except(skel.graph.initializer.add(), tensor, "raw_data")
+            _stub_of(skel.graph.initializer.add(), tensor)
     return skel
 
 
@@ -436,7 +443,7 @@ def _write_external(model: onnx.ModelProto, data_path: Path) -> onnx.ModelProto:
             f.seek(-f.tell() % align, 1)
             offset = f.tell()
             f.write(raw)
-            _copy_except(stub, tensor, "raw_data")
+            _stub_of(stub, tensor)
             _mark_external(stub, data_path.name, offset, len(raw))
             del raw
     return skel

@@ -13,17 +13,21 @@ from typing import Iterable
 import click
 import onnx
 
+from .budget import fit_ratio
 from .dependency import analyze_channels
-from .equivalence import export
-from .errors import UserInputError
+from .equivalence import export, release_weights
+from .errors import UserInputError, ValidationError
 from .load import infer_static_shapes, load, read_model
 from .metrics import model_cost
 from .report import AnalysisReport, PruneReport, cost_dict, group_reports, validation_dict
 from .select import select
+from .storage import fits_protobuf, save_external
 from .surgery import apply_plan
+from .validate import best_providers
 from .validate import validate as validate_models
 
 _PROTO_LIMIT = 2_000_000_000
+DEFAULT_RATIO = 0.4
 
 
 def progress_bar(enabled: bool, label: str):
@@ -52,11 +56,15 @@ def analyze(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> An
     return AnalysisReport(groups, cost.macs, cost.params)
 
 
-def _check_ratio(ratio) -> float:
+def _check_number(value, option: str, interval: str) -> float:
     try:
-        value = float(ratio)
+        return float(value)
     except (TypeError, ValueError):
-        raise UserInputError(f"--ratio must be a number in [0, 1), got '{ratio}'") from None
+        raise UserInputError(f"{option} must be a number in {interval}, got '{value}'") from None
+
+
+def _check_ratio(ratio) -> float:
+    value = _check_number(ratio, "--ratio", "[0, 1)")
     if not 0.0 <= value < 1.0:
         raise UserInputError(f"--ratio must be in [0, 1), got {value:g}")
     return value
@@ -64,7 +72,7 @@ def _check_ratio(ratio) -> float:
 
 def prune(
     model,
-    ratio: float = 0.4,
+    ratio: float | None = None,
     criterion: str = "whc",
     exclude: tuple[str, ...] = (),
     round_to: int = 1,
@@ -73,27 +81,44 @@ def prune(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     provider: str | None = None,
     progress: bool = False,
+    target_macs: float | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove floor(ratio * N) channels from every prunable group; return the model and a report.
 
-    `model` is a path or a ModelProto (never modified).
+    `model` is a path or a ModelProto (never modified). `ratio` defaults to 0.4; `target_macs=F`
+    instead picks the smallest ratio whose model keeps at most a fraction F of the MACs.
     """
-    ratio = _check_ratio(ratio)
+    if ratio is not None and target_macs is not None:
+        raise UserInputError("--ratio and --target-macs are mutually exclusive: give one of them")
+    ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio) if target_macs is None else None
+    if validate:
+        best_providers(provider)  # a wrong --provider fails now, not after the pruning
     clock = {"start": time.perf_counter()}
     loaded = load(model, input_shapes)
     analysis = analyze_channels(loaded)
     before = model_cost(loaded.graph, loaded.shapes)
     clock["analyzed"] = time.perf_counter()
-    plan = select(analysis, ratio, criterion, round_to, tuple(exclude), seed,
-                  progress=progress_bar(progress, "scoring groups"))
+    if target_macs is None:
+        plan = select(analysis, ratio, criterion, round_to, tuple(exclude), seed,
+                      progress=progress_bar(progress, "scoring groups"))
+    else:
+        target_macs = _check_number(target_macs, "--target-macs", "(0, 1]")
+        fit = fit_ratio(loaded, analysis, target_macs, criterion, round_to, tuple(exclude), seed,
+                        progress=progress_bar(progress, "fitting the MACs budget"))
+        ratio, plan = fit.ratio, fit.plan
     clock["selected"] = time.perf_counter()
     groups = group_reports(analysis, loaded.shapes, before.macs, loaded.graph, plan)
     apply_plan(loaded, analysis, plan)
-    pruned = export(loaded.graph, loaded)
     after = model_cost(loaded.graph, infer_static_shapes(loaded.graph, loaded.input_shapes))
+    pruned = export(loaded.graph, loaded)
+    release_weights(loaded.graph)  # the exported model holds them now: never both copies for long
     clock["pruned"] = time.perf_counter()
+    if target_macs is not None and after.macs > target_macs * before.macs:
+        raise ValidationError(f"ratio {ratio:g} keeps {after.macs / before.macs:.2%} of the MACs, "
+                              f"over --target-macs {target_macs:g} (the estimate from the plan was wrong)")
     report = PruneReport(ratio, criterion, round_to, cost_dict(before), cost_dict(after), groups)
-    if validate:
+    report.target_macs = target_macs
+    if validate and plan.removed_channels:  # an unchanged model needs no checking
         original = model if isinstance(model, onnx.ModelProto) else os.fspath(model)
         report.validation = validation_dict(validate_models(original, pruned, loaded.input_shapes, provider=provider))
         clock["validated"] = time.perf_counter()
@@ -118,21 +143,58 @@ def save(model: onnx.ModelProto, path: str) -> None:
     Models over 2 GB keep their weights in `<name>.data` beside the model.
     """
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise UserInputError(f"-o {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserInputError(f"-o {path}: folder {folder} is not writable")
-    large = model.ByteSize() >= _PROTO_LIMIT if not _has_external(model) else True
+    folder = check_writable("-o", path)
+    large = _has_external(model) or not fits_protobuf(model)
     data_name = os.path.basename(path) + ".data"
-    with _staging(folder) as staging:
-        staged = os.path.join(staging, os.path.basename(path))
-        if large:
-            onnx.save(model, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-            os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
-        else:
-            onnx.save(model, staged)
-        os.replace(staged, path)
+    try:
+        with _staging(folder) as staging:
+            staged = os.path.join(staging, os.path.basename(path))
+            if large:
+                save_external(model, staged, data_name)  # leaves `model` as it was
+                if os.path.exists(os.path.join(staging, data_name)):  # absent when every tensor is small
+                    os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
+            else:
+                onnx.save(model, staged)
+            os.replace(staged, path)
+    except OSError as err:
+        raise UserInputError(f"-o {path}: cannot write ({err.strerror or err})") from None
+
+
+def check_writable(option: str, path: str) -> str:
+    """The folder `path` would be written into; fails now, before any work, when it cannot be."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        state = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UserInputError(f"{option} {path}: {folder} {state}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserInputError(f"{option} {path}: cannot write in {folder} ({err.strerror or err})") from None
+    return folder
+
+
+def copy_unchanged(source: str, path: str) -> None:
+    """Copy the input file byte for byte (with its external data files) to `path`, atomically."""
+    folder = check_writable("-o", path)
+    model = onnx.load(source, load_external_data=False)
+    files = []
+    source_folder = os.path.dirname(os.path.abspath(source))
+    if not os.path.samefile(source_folder, folder):
+        locations = {dict((e.key, e.value) for e in t.external_data).get("location")
+                     for t in onnx.external_data_helper._get_all_tensors(model)
+                     if onnx.external_data_helper.uses_external_data(t)}
+        files += [(os.path.join(source_folder, name), os.path.join(folder, name)) for name in sorted(locations)]
+    files.append((source, os.path.abspath(path)))  # last: the model never points at missing data
+    try:
+        with _staging(folder) as staging:
+            for i, (src, dst) in enumerate(files):
+                staged = os.path.join(staging, str(i))
+                shutil.copyfile(src, staged)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(staged, dst)
+    except OSError as err:
+        raise UserInputError(f"-o {path}: cannot write ({err.strerror or err})") from None
 
 
 def _has_external(model: onnx.ModelProto) -> bool:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -29,8 +30,8 @@ class Preprocess:
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    resize: Optional[int] = None
-    crop: Optional[int] = None
+    resize: int | None = None
+    crop: int | None = None
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
@@ -47,17 +48,19 @@ class Preprocess:
 
 
 def load_calibration(
-    path,
+    path: str | os.PathLike,
     input_shapes: dict[str, tuple],
-    size: Optional[int] = None,
+    size: int | None = None,
     preprocess: Preprocess = Preprocess(),
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Read calibration inputs for a model whose inputs have `input_shapes` (dim 0 is the batch).
+    """Read calibration inputs for a model whose inputs have `input_shapes`.
 
     `path` is a folder of images (single-input models), an .npy (single-input models) or an
-    .npz keyed by input name. `size` keeps that many samples: a seeded random subset of the
-    images, or the first rows of an array file; fewer available means all are used.
+    .npz keyed by input name. Dim 0 counts samples and takes any size, so a model exported
+    with a fixed batch still gets its whole calibration set; other fixed dims must match.
+    `size` keeps that many samples: a seeded random subset of the images, or the first rows
+    of an array file; fewer available means all are used.
     """
     path = Path(path)
     where = f"--calib {path}"
@@ -65,15 +68,14 @@ def load_calibration(
         raise UserInputError(f"{where}: the number of calibration samples must be at least 1, got {size}")
     if path.is_dir():
         name, shape = _single_input(input_shapes, where, "a folder of images")
-        arrays = {name: _load_folder(path, name, shape, size, preprocess, seed, where)}
-    elif path.suffix.lower() in (".npy", ".npz") and path.is_file():
-        arrays = {name: arr[:size] for name, arr in _read_arrays(path, input_shapes, where).items()}
-    elif not path.exists():
+        return {name: _load_folder(path, name, shape, size, preprocess, seed, where)}
+    if path.suffix.lower() in (".npy", ".npz") and path.is_file():
+        arrays = _read_arrays(path, input_shapes, where)
+        _check_batch(arrays, input_shapes, where)
+        return {name: arr[:size] for name, arr in arrays.items()}
+    if not path.exists():
         raise UserInputError(f"{where}: no such file or folder")
-    else:
-        raise UserInputError(f"{where}: not a folder, .npy or .npz")
-    _check_batch(arrays, input_shapes, where)
-    return arrays
+    raise UserInputError(f"{where}: not a folder, .npy or .npz")
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -84,9 +86,11 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def load_images(
-    paths: Sequence[Path], preprocess: Preprocess, size_hw: Optional[tuple[int, int]] = None
+    paths: Sequence[Path], preprocess: Preprocess, size_hw: tuple[int, int] | None = None
 ) -> np.ndarray:
     """Decode, resize/crop and normalise `paths` into one float32 batch."""
+    if not paths:
+        raise UserInputError("no images to load")
     pixels = [read_image(p, preprocess, size_hw) for p in paths]
     first = pixels[0].shape
     for p, arr in zip(paths, pixels):
@@ -98,7 +102,7 @@ def load_images(
     return normalize(np.stack(pixels), preprocess)
 
 
-def read_image(path: Path, preprocess: Preprocess, size_hw: Optional[tuple[int, int]] = None) -> np.ndarray:
+def read_image(path: Path, preprocess: Preprocess, size_hw: tuple[int, int] | None = None) -> np.ndarray:
     """One image as uint8 H×W×3 RGB, resized and cropped per `preprocess`.
 
     `size_hw` is the size to resize to when `preprocess` sets neither resize nor crop.
@@ -107,7 +111,9 @@ def read_image(path: Path, preprocess: Preprocess, size_hw: Optional[tuple[int, 
         with Image.open(path) as img:
             img = _resize(img, preprocess, size_hw)
     except _DECODE_ERRORS as err:
-        raise UserInputError(f"cannot read image {path} ({err})") from None
+        # Pillow's own message repeats the path; say what went wrong instead.
+        reason = "not an image format Pillow can decode" if isinstance(err, Image.UnidentifiedImageError) else err
+        raise UserInputError(f"cannot read image {path} ({reason})") from None
     if preprocess.crop is not None:
         img = _center_crop(img, preprocess.crop, path)
     return np.asarray(img)
@@ -128,7 +134,7 @@ def normalize(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     return out
 
 
-def _resize(img: Image.Image, preprocess: Preprocess, size_hw: Optional[tuple[int, int]]) -> Image.Image:
+def _resize(img: Image.Image, preprocess: Preprocess, size_hw: tuple[int, int] | None) -> Image.Image:
     """Decode `img` as RGB at the size `preprocess` (or `size_hw`) asks for."""
     if preprocess.resize is not None:
         target = _short_side_size(img.size, preprocess.resize)
@@ -180,7 +186,9 @@ def _single_input(input_shapes: dict[str, tuple], where: str, what: str) -> tupl
     return next(iter(input_shapes.items()))
 
 
-def _load_folder(folder: Path, name: str, shape: tuple, size, preprocess: Preprocess, seed: int, where: str):
+def _load_folder(
+    folder: Path, name: str, shape: tuple, size: int | None, preprocess: Preprocess, seed: int, where: str
+) -> np.ndarray:
     """Images under `folder` as one batch for the model input `name` of `shape`."""
     if len(shape) != 4:
         raise UserInputError(f"{where}: model input {name!r} of shape {_format_shape(shape)} does not take images")
@@ -265,8 +273,8 @@ def _check_batch(arrays: dict[str, np.ndarray], input_shapes: dict[str, tuple], 
 
 
 def _fits(got: tuple, shape: tuple) -> bool:
-    """Whether an array shape `got` matches `shape`: same rank, equal static dims."""
-    return len(got) == len(shape) and all(not _is_static(w) or g == w for g, w in zip(got, shape))
+    """Whether an array shape `got` matches `shape`: same rank, equal static dims after dim 0."""
+    return len(got) == len(shape) and all(not _is_static(w) or g == w for g, w in zip(got[1:], shape[1:]))
 
 
 def _is_static(dim) -> bool:

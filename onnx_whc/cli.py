@@ -14,7 +14,8 @@ import click
 from . import __version__
 from .api import analyze as analyze_model
 from .api import prune as prune_model
-from .api import same_file, save
+from .api import check_writable, copy_unchanged, same_file, save
+from .bench import compare, parse_batches
 from .criteria import CRITERIA
 from .errors import OnnxWhcError, UserInputError
 
@@ -48,6 +49,18 @@ class _Command(click.Command):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             ctx.exit(130)
+        except OSError as err:  # the disk, not the model: full, read-only, vanished
+            click.echo(f"error: {err.filename or 'a file'}: {err.strerror or err}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as err:  # a bug: still one line, the traceback on request
+            if os.environ.get("ONNX_WHC_TRACEBACK"):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            click.echo(f"error: internal error ({type(err).__name__}: {first}); please report it "
+                       "(set ONNX_WHC_TRACEBACK=1 to see where it happened)", err=True)
+            ctx.exit(3)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +75,8 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 
 @main.command(cls=_Command)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--ratio", "-r", default="0.4", show_default=True, help="Share of channels removed from every group, in [0, 1).")
+@click.option("--ratio", "-r", help="Share of channels removed from every group, in [0, 1).  [default: 0.4]")
+@click.option("--target-macs", help="Instead of --ratio: prune until at most this share of MACs is left, in (0, 1].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
 @click.option("--criterion", "-c", type=click.Choice(list(CRITERIA)), default="whc", show_default=True)
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
@@ -72,29 +86,41 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--provider", help="ONNX Runtime provider for validation (cuda or cpu; default: the best available).")
 @_input_shape
-def prune(model, ratio, output, criterion, exclude, round_to, report_path, no_validate, seed, provider, input_shape):
+def prune(model, ratio, target_macs, output, criterion, exclude, round_to, report_path, no_validate, seed, provider,
+          input_shape):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
-    if output:
-        folder = os.path.dirname(os.path.abspath(output))
-        if not os.path.isdir(folder):
-            raise UserInputError(f"-o {output}: folder {folder} does not exist")
-    pruned, report = prune_model(model, ratio=ratio, criterion=criterion, exclude=exclude, round_to=round_to,
-                                 seed=seed, validate=not no_validate, input_shapes=parse_input_shapes(input_shape),
-                                 provider=provider, progress=True)
+    for option, path in (("-o", output), ("--report", report_path)):
+        if path:
+            check_writable(option, path)  # before the work, not after it
+    pruned, report = prune_model(model, ratio=ratio, target_macs=target_macs, criterion=criterion, exclude=exclude,
+                                 round_to=round_to, seed=seed, validate=not no_validate,
+                                 input_shapes=parse_input_shapes(input_shape), provider=provider, progress=True)
     removed = sum(len(g.removed) for g in report.groups)
     click.echo(report.summary())
     if report_path:
         _write_text(report_path, report.to_json())
-    if not output:
+    if removed == 0:
+        done = "nothing written (no -o given)"
+        if output:
+            copy_unchanged(model, output)  # the input's own bytes, not a re-export
+            done = f"copied the input unchanged (byte-identical) to {output}"
+        click.echo(f"nothing to prune: {_why_nothing(report)}; {done}")
+    elif not output:
         click.echo("no -o given: nothing written", err=True)
-    elif removed == 0:
-        save(pruned, output)
-        click.echo(f"nothing to prune: wrote an unchanged copy to {output}")
     else:
         save(pruned, output)
         click.echo(f"wrote {output}")
+
+
+def _why_nothing(report) -> str:
+    if not report.groups:
+        return "the model has no Conv filters to remove"
+    fixed = [g for g in report.groups if not g.prunable]
+    if len(fixed) == len(report.groups):
+        return f"no channel group can be pruned (group {fixed[0].id}: {fixed[0].reasons[0]})"
+    return f"ratio {report.ratio:g} removes no whole channel from any prunable group"
 
 
 @main.command(cls=_Command)
@@ -107,10 +133,29 @@ def analyze(model, as_json, input_shape):
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
-def _write_text(path: str, text: str) -> None:
+@main.command(cls=_Command)
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("pruned", type=click.Path(dir_okay=False))
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model and batch size.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs first, per model and batch size.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False),
+              help="ONNX Runtime provider (default: CUDA when it really works, else CPU).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@_input_shape
+def bench(original, pruned, batches, runs, warmup, provider, json_path, input_shape):
+    """Compare the latency of ORIGINAL and PRUNED side by side, against the speedup their MACs promise."""
+    result = compare(original, pruned, parse_batches(batches), provider, runs, warmup, progress=True,
+                     input_shapes=parse_input_shapes(input_shape))
+    click.echo(result.summary())
+    if json_path:
+        _write_text(json_path, result.to_json(), "--json")
+
+
+def _write_text(path: str, text: str, option: str = "--report") -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UserInputError(f"--report {path}: folder {folder} does not exist")
+        raise UserInputError(f"{option} {path}: folder {folder} does not exist")
     tmp = f"{path}.tmp"
     with open(tmp, "w") as handle:
         handle.write(text)

@@ -23,10 +23,14 @@ def whc(filters: np.ndarray, rng=None) -> np.ndarray:
     is large *and* points where other large filters do not.
     """
     norms, gram = _norms_and_gram(filters)
-    outer = np.outer(norms, norms)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(outer > 0, gram / outer, 0.0)
-    dissimilarity = 1.0 - np.abs(np.clip(cos, -1.0, 1.0))
+    # In place on the Gram matrix: for wide layers the N x N arrays are a prune's largest allocation.
+    safe = np.where(norms > 0, norms, 1.0)  # a zero filter has a zero Gram row: cosine 0
+    dissimilarity = gram
+    dissimilarity /= safe[:, None]
+    dissimilarity /= safe[None, :]
+    np.abs(dissimilarity, out=dissimilarity)
+    np.minimum(dissimilarity, 1.0, out=dissimilarity)
+    np.subtract(1.0, dissimilarity, out=dissimilarity)
     np.fill_diagonal(dissimilarity, 0.0)
     return norms * (dissimilarity @ norms)
 
@@ -47,8 +51,12 @@ def fpgm(filters: np.ndarray, rng=None) -> np.ndarray:
     Filters near the geometric median are the most replaceable and score lowest.
     """
     norms, gram = _norms_and_gram(filters)
-    squared = norms[:, None] ** 2 + norms[None, :] ** 2 - 2.0 * gram
-    return np.sqrt(np.clip(squared, 0.0, None)).sum(axis=1)
+    distance = gram  # in place, as in whc
+    distance *= -2.0
+    distance += (norms**2)[:, None]
+    distance += (norms**2)[None, :]
+    np.maximum(distance, 0.0, out=distance)
+    return np.sqrt(distance, out=distance).sum(axis=1)
 
 
 def random(filters: np.ndarray, rng=None) -> np.ndarray:

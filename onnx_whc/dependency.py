@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .load import LoadedModel
-from .ops import normalize_axis, rule_for
+from .ops import node_rule, normalize_axis, rule_for
 
 
 @dataclass
@@ -38,10 +38,15 @@ class Producer:
     node: gs.Node
     atoms: np.ndarray  # the atom each filter writes
     axis: int  # the weight's output-channel axis
+    rows: np.ndarray | None = None  # the node's output channels this producer covers; None: all
+
+    def channels(self) -> np.ndarray:
+        return np.arange(len(self.atoms)) if self.rows is None else self.rows
 
     def filters(self) -> np.ndarray:
         weight = np.asarray(self.node.inputs[1].values)
-        return np.moveaxis(weight, self.axis, 0).reshape(weight.shape[self.axis], -1)
+        filters = np.moveaxis(weight, self.axis, 0).reshape(weight.shape[self.axis], -1)
+        return filters if self.rows is None else filters[self.rows]
 
 
 @dataclass
@@ -139,14 +144,16 @@ class _Tracer:
         if atoms is not None and len(atoms):
             self.node_spaces[node.name].update(np.unique(np.asarray(self.space_of)[atoms]).tolist())
 
-    def opaque(self, node: gs.Node, tensor, reason: str) -> None:
+    def opaque(self, node: gs.Node, tensor, reason: str, kind: str = "fixed") -> None:
         """Channels nobody can trace: fresh atoms, fixed."""
         shape = self.shape(tensor)
         if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] > 0:
-            self.assign(node, tensor, self.new_space("fixed", node.name, shape[1], reason))
+            self.assign(node, tensor, self.new_space(kind, node.name, shape[1], reason))
 
-    def block(self, node: gs.Node, reason: str) -> None:
-        """Fix every channel the node reads and make its outputs untraceable."""
+    def block(self, node: gs.Node, reason: str, kind: str = "fixed") -> None:
+        """Fix every channel the node reads and make its outputs untraceable.
+
+        kind="conv" keeps a blocked Conv's filters on the report as a group of their own, with the reason."""
         reason = f"{reason} (node {node.name})"
         for tensor in node.inputs:
             atoms = self.map_of(tensor)
@@ -154,7 +161,7 @@ class _Tracer:
                 self.touch(node, atoms)
                 self.fix(atoms, reason)
         for tensor in node.outputs:
-            self.opaque(node, tensor, reason)
+            self.opaque(node, tensor, reason, kind)
 
     def constant_values(self, node: gs.Node, index: int):
         if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
@@ -222,9 +229,9 @@ def _broadcast(t: _Tracer, node: gs.Node) -> None:
 def _conv(t: _Tracer, node: gs.Node) -> None:
     x, weight, out = node.inputs[0], node.inputs[1], node.outputs[0]
     if not isinstance(weight, gs.Constant):
-        return t.block(node, "Conv weights are not constant")
+        return t.block(node, "Conv weights are not constant", kind="conv")
     if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-        return t.block(node, "Conv bias is not constant")
+        return t.block(node, "Conv bias is not constant", kind="conv")
     atoms_in = t.map_of(x)
     group = int(node.attrs.get("group", 1))
     c_out, per_group_in = weight.values.shape[0], weight.values.shape[1]
@@ -236,7 +243,7 @@ def _conv(t: _Tracer, node: gs.Node) -> None:
         t.producers.append(Producer(node, atoms, 0))
         return t.assign(node, out, atoms)
     if c_out % group or len(atoms_in) != group * per_group_in:
-        return t.block(node, "grouped Conv with inconsistent channel counts")
+        return t.block(node, "grouped Conv with inconsistent channel counts", kind="conv")
     if per_group_in == 1:
         # Depthwise: each output channel follows one input channel; whole groups can go.
         atoms = np.repeat(atoms_in, c_out // group)
@@ -257,7 +264,7 @@ def _conv(t: _Tracer, node: gs.Node) -> None:
 def _conv_transpose(t: _Tracer, node: gs.Node) -> None:
     weight = node.inputs[1]
     if not isinstance(weight, gs.Constant) or int(node.attrs.get("group", 1)) != 1:
-        return t.block(node, "ConvTranspose with non-constant weights or groups")
+        return t.block(node, "ConvTranspose with non-constant weights or groups", kind="conv")
     t.touch(node, t.map_of(node.inputs[0]))
     atoms = t.new_space("conv", node.name, weight.values.shape[1])
     t.producers.append(Producer(node, atoms, 1))
@@ -509,15 +516,29 @@ def _resize(t: _Tracer, node: gs.Node) -> None:
         return
     scale_index = 1 if node.op == "Upsample" or t.opset < 11 else 2
     scales = t.constant_values(node, scale_index)
+    if scales is None and "scales" in node.attrs:  # Upsample-7
+        scales = np.asarray(node.attrs["scales"])
     sizes = t.constant_values(node, 3) if node.op == "Resize" and t.opset >= 11 else None
-    if scales is None and t.has_input(node, scale_index) and node.inputs[scale_index].name:
+    if scales is None and t.has_input(node, scale_index):
         if not (t.has_input(node, 3) and sizes is not None):
             return t.block(node, f"{node.op} scales are computed at run time")
-    if scales is not None and scales.size > 1 and scales.ravel()[1] != 1:
-        return t.block(node, f"{node.op} scales the channel axis")
     if t.has_input(node, 3) and node.op == "Resize" and sizes is None:
         return t.block(node, "Resize sizes are computed at run time")
+    position = resize_channel_position(node, t.rank(node.inputs[0]))
+    if position is not None:
+        if scales is not None and scales.size > position and scales.ravel()[position] != 1:
+            return t.block(node, f"{node.op} scales the channel axis")
+        if sizes is not None and sizes.size > position and sizes.ravel()[position] != len(atoms):
+            return t.block(node, "Resize sizes change the channel count")
     t.assign(node, node.outputs[0], atoms)
+
+
+def resize_channel_position(node: gs.Node, rank: int) -> int | None:
+    """Index of the channel axis in a Resize's scales/sizes; None when its `axes` (opset 18) leave it out."""
+    if "axes" not in node.attrs:
+        return 1
+    axes = [normalize_axis(int(a), rank) for a in node.attrs["axes"]]
+    return axes.index(1) if 1 in axes else None
 
 
 def _softmax(t: _Tracer, node: gs.Node) -> None:
@@ -547,7 +568,7 @@ def _shape_only(t: _Tracer, node: gs.Node) -> None:
 
 
 def _blocker(t: _Tracer, node: gs.Node) -> None:
-    t.block(node, rule_for(node.op).reason)
+    t.block(node, node_rule(node).reason)
 
 
 HANDLERS = {
@@ -581,7 +602,7 @@ def analyze_channels(loaded: LoadedModel) -> ChannelAnalysis:
             tracer.maps[tensor.name] = tracer.new_space("fixed", tensor.name, shape[1],
                                                         f"comes from graph input '{tensor.name}'")
     for node in graph.nodes:
-        HANDLERS[rule_for(node.op).kind](tracer, node)
+        HANDLERS[node_rule(node).kind](tracer, node)
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             captured = _captured_names(gs.Graph(nodes=[node]))
             for name in captured:
@@ -591,6 +612,16 @@ def analyze_channels(loaded: LoadedModel) -> ChannelAnalysis:
         if tensor.name in tracer.maps:
             tracer.fix(tracer.maps[tensor.name], f"feeds graph output '{tensor.name}'")
     return _build_groups(tracer)
+
+
+def _pieces_by_group(producer: Producer, groups: np.ndarray) -> list[tuple[int, Producer]]:
+    """Split a producer whose filters write channels of several groups (a depthwise Conv after a
+    Concat of independently prunable tensors): each group scores its own filters."""
+    unique = np.unique(groups)
+    if len(unique) == 1:
+        return [(int(unique[0]), producer)]
+    return [(int(g), Producer(producer.node, producer.atoms[groups == g], producer.axis, np.flatnonzero(groups == g)))
+            for g in unique.tolist()]
 
 
 def _build_groups(t: _Tracer) -> ChannelAnalysis:
@@ -616,7 +647,8 @@ def _build_groups(t: _Tracer) -> ChannelAnalysis:
         reasons_by_root[int(roots[atom])].append(reason)
     producers_by_group = defaultdict(list)
     for producer in t.producers:
-        producers_by_group[int(group_of_space[space_of[producer.atoms[0]]])].append(producer)
+        for g, piece in _pieces_by_group(producer, group_of_space[space_of[producer.atoms]]):
+            producers_by_group[g].append(piece)
     nodes_by_group = defaultdict(set)
     for node, spaces in t.node_spaces.items():
         for g in set(group_of_space[list(spaces)].tolist()):

@@ -38,9 +38,44 @@ def zeroed_reference(loaded: LoadedModel, analysis: ChannelAnalysis, removed_roo
     return export(graph, loaded)
 
 
+_STREAMED_BYTES = 1 << 16
+
+
+def _export_streaming_weights(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx, but large weights are written straight into the exported model.
+
+    The exporter builds every tensor, then copies them into a graph, then the graph into a model:
+    twice the weights on top of the graph's own arrays. Exporting empty placeholders and filling
+    them in one tensor at a time keeps it to once.
+    """
+    large = {}
+    for tensor in graph.tensors().values():
+        if (isinstance(tensor, gs.Constant) and isinstance(tensor.values, np.ndarray)
+                and tensor.values.nbytes >= _STREAMED_BYTES and tensor.data_location is None
+                and tensor.export_dtype == tensor.values.dtype):
+            large[tensor.name] = (tensor, tensor.values)
+            tensor.values = np.zeros(0, dtype=tensor.values.dtype)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in large.values():
+            tensor.values = values
+    for proto in model.graph.initializer:
+        if proto.name in large:
+            proto.CopyFrom(onnx.numpy_helper.from_array(large[proto.name][1], proto.name))
+    return model
+
+
+def release_weights(graph: gs.Graph) -> None:
+    """Empty every weight of a graph that is no longer needed (its export holds them)."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and isinstance(tensor.values, np.ndarray):
+            tensor.values = np.zeros(0, dtype=tensor.values.dtype)
+
+
 def export(graph: gs.Graph, loaded: LoadedModel) -> onnx.ModelProto:
     """Export a graph with the original model's IR version and metadata."""
-    model = gs.export_onnx(graph.cleanup(), do_type_check=False)
+    model = _export_streaming_weights(graph.cleanup())
     model.ir_version = loaded.ir_version
     if loaded.initializers_as_inputs:
         known = {i.name for i in model.graph.input}

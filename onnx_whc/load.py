@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import UserInputError
 
@@ -27,6 +27,9 @@ QUANTIZED_OPS = {
 }
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                onnx.TensorProto.BFLOAT16}
+_PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialise more; such models are checked from their files
+# Graph inputs/outputs declared without a shape break the letter of the spec, yet run everywhere.
+_TOLERATED_CHECK = "Field 'shape' of 'type' is required but missing"
 # Constants larger than this are weights: shape inference only needs their shapes.
 _WEIGHT_ELEMENTS = 1024
 
@@ -55,12 +58,25 @@ def read_model(source) -> onnx.ModelProto:
         raise UserInputError(f"{path}: is a folder, not an ONNX file")
     try:
         model = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as err:
-        raise UserInputError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        raise UserInputError(f"{path}: {_unparsable(path)}") from None
     if not model.graph.node and not model.graph.output:
         raise UserInputError(f"{path}: not an ONNX model (no graph found)")
     _load_external_data(model, path)
     return model
+
+
+def _unparsable(path: str) -> str:
+    """Why a file that protobuf cannot parse is not a model, in the user's terms."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        return "a text file, not an ONNX model"
+    return "not an ONNX model (it does not parse as one: truncated, corrupt or another format)"
 
 
 def _load_external_data(model: onnx.ModelProto, path: str) -> None:
@@ -77,6 +93,63 @@ def _load_external_data(model: onnx.ModelProto, path: str) -> None:
         raise UserInputError(f"{path}: cannot read external data ({_first_line(err)})") from None
 
 
+_UNCHECKED = object()
+
+
+def checker_problem(subject) -> str | None:
+    """The ONNX checker's complaint about a model or a model file, or None.
+
+    A file is checked from disk: any size (external data), and no serialised copy in memory.
+    """
+    try:
+        if not isinstance(subject, onnx.ModelProto):
+            onnx.checker.check_model(os.fspath(subject))
+        elif _serialisable(subject):
+            onnx.checker.check_model(subject)
+    except (onnx.checker.ValidationError, ValueError, UnicodeError) as err:
+        if _TOLERATED_CHECK not in str(err):
+            return " ".join(str(err).split())[:300]  # the checker spreads one finding over lines
+    return None
+
+
+def check_input(model: onnx.ModelProto, source, file_problem=_UNCHECKED) -> None:
+    """Refuse a corrupt or malformed model up front, naming the input as the culprit.
+
+    `file_problem` is `checker_problem(path)` when the caller ran it already.
+    """
+    where = "the model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
+    if file_problem is _UNCHECKED:
+        file_problem = checker_problem(model if where == "the model" else where)
+    if file_problem:
+        raise UserInputError(f"{where}: not a valid ONNX model ({file_problem})")
+    bad = _undecodable(model)
+    if bad:
+        raise UserInputError(f"{where}: not a valid ONNX model (a {bad} is not UTF-8 text)")
+
+
+def _serialisable(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() < _PROTO_LIMIT
+    except EncodeError:  # protobuf refuses even to measure a message over 2 GB
+        return False
+
+
+def _undecodable(message) -> str | None:
+    """The first text field that is not UTF-8 (protobuf hands such text back as bytes), if any."""
+    for field, value in message.ListFields():
+        if message.DESCRIPTOR.name == "TensorProto" and field.name != "name":
+            continue  # weights: nothing to decode, and copying them out would cost memory
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            return f"{message.DESCRIPTOR.name}.{field.name}"
+        if field.type == field.TYPE_MESSAGE:
+            found = next((f for f in map(_undecodable, values) if f), None)
+            if found:
+                return found
+    return None
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -84,7 +157,12 @@ def _first_line(err: Exception) -> str:
 
 def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
     """Read, check and fold a model; `input_shapes` fixes dynamic input dimensions."""
+    # The checker parses a file into its own copy: run it before Python parses the file, so the
+    # two copies never coexist (peak memory ~2x the model rather than 3x).
+    is_file = not isinstance(source, onnx.ModelProto) and os.path.isfile(os.fspath(source))
+    file_problem = checker_problem(source) if is_file else _UNCHECKED
     model = read_model(source)
+    check_input(model, source, file_problem)
     quantized = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
     if quantized or _has_integer_conv_weights(model):
         what = ", ".join(quantized) if quantized else "integer Conv weights"
@@ -94,27 +172,112 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
         raise UserInputError("the model imports no default ONNX opset")
     init_names = {t.name for t in model.graph.initializer}
     as_inputs = any(i.name in init_names for i in model.graph.input)
+    ir_version = model.ir_version
     if as_inputs:
-        # Old IR: initializers doubled as inputs; they are weights, not inputs.
+        # Old IR: initializers doubled as inputs; they are weights, not inputs. Work on a copy (the
+        # caller's model is never modified) marked IR 4, under which shape inference and constant
+        # folding see initializers that are not inputs; export restores the original IR.
+        model = _copy(model)
         kept = [i for i in model.graph.input if i.name not in init_names]
         del model.graph.input[:]
         model.graph.input.extend(kept)
+        model.ir_version = max(ir_version, 4)
     try:
         graph = gs.import_onnx(model)
     except Exception as err:  # gs raises bare exceptions on malformed graphs
         raise UserInputError(f"the model graph cannot be read ({_first_line(err)})") from None
     _name_nodes(graph)
     graph.fold_constants(error_ok=True).cleanup().toposort()
+    _materialize(graph)
     static_inputs = _static_input_shapes(graph, input_shapes or {})
     shapes = infer_static_shapes(graph, static_inputs)
+    if _fold_static_shape_reads(graph, static_inputs, shapes):
+        shapes = infer_static_shapes(graph, static_inputs)
     meta = {p.key: p.value for p in model.metadata_props}
-    return LoadedModel(graph, shapes, static_inputs, model.ir_version, opset, as_inputs, meta)
+    return LoadedModel(graph, shapes, static_inputs, ir_version, opset, as_inputs, meta)
+
+
+def _fold_static_shape_reads(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]],
+                             shapes: dict[str, tuple]) -> bool:
+    """Fold Shape computations that read only dimensions the model fixes (PyTorch 'same' padding
+    computed from x.shape[2:]). A second shape inference with every dynamic input dimension
+    doubled tells which dimensions follow the inputs; those stay symbolic and are never baked in.
+    """
+    readers = [n for n in graph.nodes if n.op == "Shape" and isinstance(n.inputs[0], gs.Variable)
+               and n.inputs[0] not in graph.inputs]
+    if not readers:
+        return False
+    declared = {t.name: list(t.shape) if t.shape is not None else [None] * len(input_shapes[t.name])
+                for t in graph.inputs}
+    probe = {name: tuple(d if _is_static(declared[name][i]) else 2 * d for i, d in enumerate(dims))
+             for name, dims in input_shapes.items()}
+    try:
+        doubled = infer_static_shapes(graph, probe)
+    except UserInputError:
+        return False
+    restore = []
+    for node in readers:
+        tensor = node.inputs[0]
+        one, two = shapes.get(tensor.name), doubled.get(tensor.name)
+        if one is None or two is None or len(one) != len(two) or None in one + two:
+            continue
+        restore.append((tensor, tensor.shape))
+        tensor.shape = [a if a == b else f"{tensor.name}:{i}" for i, (a, b) in enumerate(zip(one, two))]
+    count = len(graph.nodes)
+    if restore:
+        graph.fold_constants(error_ok=True).cleanup().toposort()
+    for tensor, shape in restore:
+        tensor.shape = shape  # the symbolic shapes were only for folding
+    return len(graph.nodes) != count
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _materialize(graph: gs.Graph) -> None:
+    """Read every weight into numpy now, so nothing references the parsed protobuf any more.
+
+    Protobuf frees a field's memory only with its whole message: once the graph holds plain
+    arrays, the parsed file is released when loading returns, and peak memory stays near twice
+    the model instead of the protobuf plus a numpy copy of every weight for the whole run.
+    """
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            tensor.values  # noqa: B018 - the property replaces the lazy protobuf reference
+    # The importer keeps the model's own opset list, which would hold all of it alive.
+    graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or ()]
+
+
+_INTEGER_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                    onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _has_integer_conv_weights(model: onnx.ModelProto) -> bool:
-    ints = {t.name for t in model.graph.initializer if t.data_type in
-            (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
-    return any(n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in ints for n in model.graph.node)
+    """Whether a layer's weights are computed from small integers (e.g. int8 -> Cast -> Mul -> Conv)."""
+    graph = model.graph
+    ints = {t.name for t in graph.initializer if t.data_type in _INTEGER_WEIGHTS}
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and value.data_type in _INTEGER_WEIGHTS:
+            ints.update(node.output)
+    if not ints:
+        return False
+    made_by = {out: node for node in graph.node for out in node.output}
+    stack = [n.input[1] for n in graph.node if n.op_type in _WEIGHTED_OPS and len(n.input) > 1]
+    seen = set()
+    while stack:
+        name = stack.pop()
+        if name in ints:
+            return True
+        if name in seen or name not in made_by:
+            continue
+        seen.add(name)
+        stack.extend(made_by[name].input)
+    return False
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -169,6 +332,13 @@ def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as err:
+        raise UserInputError(f"shape inference failed on this model ({_first_line(err)})") from None
+
+
 def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
     """Static shape of every tensor, on a weightless copy with the inputs fixed.
 
@@ -178,8 +348,8 @@ def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]
     weights = []
     for node in skeleton.nodes:
         for i, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and tensor.values.size > _WEIGHT_ELEMENTS:
-                stub = gs.Variable(tensor.name, dtype=tensor.values.dtype, shape=tensor.shape)
+            if isinstance(tensor, gs.Constant) and np.prod(tensor.shape, dtype=np.int64) > _WEIGHT_ELEMENTS:
+                stub = gs.Variable(tensor.name, dtype=tensor.dtype, shape=tensor.shape)
                 node.inputs[i] = stub
                 weights.append(stub)
     unique = {t.name: t for t in weights}
@@ -190,11 +360,18 @@ def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]
         if isinstance(tensor, gs.Variable) and tensor not in skeleton.inputs:
             tensor.shape = None  # stale symbolic shapes would override inference
     skeleton.fold_constants(error_ok=True).cleanup()
-    model = gs.export_onnx(skeleton, do_type_check=False)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as err:
-        raise UserInputError(f"shape inference failed on this model ({_first_line(err)})") from None
+    model = _infer(gs.export_onnx(skeleton, do_type_check=False))
+    for _ in range(3):
+        # Shapes computed from shapes (Shape -> Slice -> Pad): ONNX inference stops at them, but at
+        # these fixed input sizes the inferred shapes let constant folding settle them.
+        if not any(n.op_type == "Shape" for n in model.graph.node):
+            break
+        again = gs.import_onnx(model)
+        count = len(again.nodes)
+        again.fold_constants(error_ok=True).cleanup()
+        if len(again.nodes) == count:
+            break
+        model = _infer(gs.export_onnx(again, do_type_check=False))
     shapes: dict[str, tuple] = {}
     for info in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
         if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
@@ -202,5 +379,5 @@ def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]
             shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
-            shapes[tensor.name] = tuple(tensor.values.shape)
+            shapes[tensor.name] = tuple(tensor.shape)  # .shape, not .values: no weight is read here
     return shapes

@@ -70,6 +70,14 @@ def rule_for(op: str) -> Rule:
     return RULES.get(op) or Rule("blocker", reason=f"unknown op {op}")
 
 
+def node_rule(node) -> Rule:
+    """A node's rule; ops of other domains are unknown even when they borrow a standard name."""
+    domain = getattr(node, "domain", "") or ""
+    if domain not in ("", "ai.onnx"):
+        return Rule("blocker", reason=f"unknown op {domain}.{node.op}")
+    return rule_for(node.op)
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 

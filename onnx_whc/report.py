@@ -56,6 +56,7 @@ class PruneReport:
     validation: dict | None = None
     recovery: dict | None = None
     seconds: dict = field(default_factory=dict)
+    target_macs: float | None = None  # the MACs budget the ratio was chosen for, if any
 
     @property
     def macs_kept(self) -> float:
@@ -83,6 +84,8 @@ class PruneReport:
             f"params {self.before['params'] / 1e6:10.3f} M -> {self.after['params'] / 1e6:10.3f} M  "
             f"({100 * (1 - self.params_kept):.1f}% fewer)",
         ]
+        if self.target_macs is not None:
+            lines.append(f"target MACs {self.target_macs:.1%}: chose ratio {self.ratio:g}, keeps {self.macs_kept:.2%}")
         fixed = [g for g in self.groups if not g.prunable]
         if fixed:
             lines.append(f"{len(fixed)} groups left whole, e.g. group {fixed[0].id}: {fixed[0].reasons[0]}")
@@ -117,10 +120,13 @@ def group_reports(analysis: ChannelAnalysis, shapes: dict, total_macs: int, grap
         )
         if decision is not None and len(decision.removed):
             report.removed = decision.removed.tolist()
-            for producer, class_index in group.producers:
-                gone = set(report.removed)
-                report.kept_by_layer[producer.node.name] = [i for i, c in enumerate(class_index.tolist()) if c not in gone]
-                report.removed_by_layer[producer.node.name] = [i for i, c in enumerate(class_index.tolist()) if c in gone]
+            gone = set(report.removed)
+            for producer, class_index in group.producers:  # a node split over groups appears once per group
+                name, channels = producer.node.name, producer.channels().tolist()
+                kept = report.kept_by_layer.setdefault(name, [])
+                kept += [ch for ch, c in zip(channels, class_index.tolist()) if c not in gone]
+                dropped = report.removed_by_layer.setdefault(name, [])
+                dropped += [ch for ch, c in zip(channels, class_index.tolist()) if c in gone]
         reports.append(report)
     return reports
 

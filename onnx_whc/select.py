@@ -19,6 +19,7 @@ import numpy as np
 from .criteria import CRITERIA
 from .dependency import ChannelAnalysis, ChannelGroup
 from .errors import UserInputError
+from .ops import consumer_weight_axis
 
 
 @dataclass
@@ -59,6 +60,52 @@ def class_importance(group: ChannelGroup, criterion: str, rng: np.random.Generat
     return total / np.maximum(count, 1)
 
 
+# Consumer-aware criteria: a base criterion's class scores times the norm of the consumer weights
+# that read each class. A filter whose output the next layer barely reads matters little however
+# large it is; the product approximates the channel's contribution to the consumers' outputs.
+CONSUMER_AWARE = {"whc+": "whc"}
+
+
+def consumer_weight_norms(analysis: ChannelAnalysis, graph) -> dict[int, np.ndarray]:
+    """Per group id, the L2 norm of all consumer weights (Conv/Gemm/MatMul inputs) reading each class."""
+    position = {root: (group.id, index) for group in analysis.groups for index, root in enumerate(group.classes.tolist())}
+    squares = {group.id: np.zeros(group.channels) for group in analysis.groups}
+    for node in graph.nodes:
+        where = consumer_weight_axis(node)
+        atoms = analysis.maps.get(node.inputs[0].name) if where else None
+        if atoms is None or not hasattr(node.inputs[where[0]], "values"):
+            continue
+        weight = np.asarray(node.inputs[where[0]].values, dtype=np.float64)
+        groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        if groups > 1 and weight.shape[1] == 1:
+            continue  # depthwise passes each channel on; the next reader's weights count
+        per_input = np.moveaxis(weight, where[1], 0)
+        per_input = (per_input.reshape(per_input.shape[0], -1) ** 2).sum(axis=1)
+        if groups > 1:  # grouped: input j of the tensor is input j % n of group j // n
+            n = per_input.shape[0]
+            per_input = (np.moveaxis(weight, 1, 0).reshape(n, groups, -1) ** 2).sum(axis=2).T.ravel()
+        for root, value in zip(analysis.roots[atoms].tolist(), per_input.tolist()):
+            if root in position:
+                gid, index = position[root]
+                squares[gid][index] += value
+    return {gid: np.sqrt(values) for gid, values in squares.items()}
+
+
+def consumer_aware_importance(analysis: ChannelAnalysis, graph, criterion: str,
+                              seed: int = 0) -> Callable[[ChannelGroup], np.ndarray]:
+    """Importance for a CONSUMER_AWARE criterion: base scores times normalised consumer norms."""
+    base, rng = CONSUMER_AWARE[criterion], np.random.default_rng(seed)
+    norms = consumer_weight_norms(analysis, graph)
+
+    def importance(group: ChannelGroup) -> np.ndarray:
+        scores = class_importance(group, base, rng)
+        weights = norms.get(group.id, np.zeros(0))
+        peak = weights.max() if weights.size else 0.0
+        return scores * (weights / peak) if peak > 0 else scores
+
+    return importance
+
+
 def channels_to_keep(n: int, ratio: float, round_to: int) -> int:
     """Kept channel count: n - floor(ratio * n), rounded up to a multiple of round_to, at least 1."""
     keep = n - math.floor(ratio * n + 1e-9)
@@ -88,7 +135,7 @@ def _constraints(analysis: ChannelAnalysis) -> dict[int, list[np.ndarray]]:
 
 
 def _quotas(group: ChannelGroup, rate: float, round_to: int) -> list[tuple[np.ndarray, int]]:
-    """Each filter-carrying layer may lose at most its own share: the paper's per-layer rate.
+    """Each filter-carrying layer loses its own share, no more: the paper's per-layer rate.
 
     Matters where groups of different widths are coupled (option-A shortcuts join all stages of
     a CIFAR ResNet): without it, removals would pile up in one narrow stage.
@@ -102,23 +149,38 @@ def _quotas(group: ChannelGroup, rate: float, round_to: int) -> list[tuple[np.nd
 
 def _greedy_remove(order: np.ndarray, n_remove: int, keep_one_of: list[np.ndarray],
                    quotas: list[tuple[np.ndarray, int]]) -> np.ndarray:
-    """Remove classes in `order` while every tensor keeps a channel and every layer stays in quota."""
+    """Remove classes in `order` while every tensor keeps a channel and every layer stays in quota.
+
+    Layers are filled narrowest first, each with its own lowest classes up to its quota: a narrow
+    layer coupled to wider ones (a CIFAR option-A trunk) then loses exactly its share and keeps
+    a multiple of round_to, instead of whatever the wider layers' removals leave it.
+    """
     room = [len(c) - 1 for c in keep_one_of] + [q for _, q in quotas]
     member_of: dict[int, list[int]] = {}
     for cid, classes in enumerate(keep_one_of + [c for c, _ in quotas]):
         for index in classes.tolist():
             member_of.setdefault(index, []).append(cid)
-    removed = []
-    for index in order.tolist():
-        if len(removed) == n_remove:
-            break
+    removed: dict[int, None] = {}
+
+    def try_remove(index: int) -> None:
         cids = member_of.get(index, [])
-        if any(room[cid] <= 0 for cid in cids):
-            continue
+        if index in removed or any(room[cid] <= 0 for cid in cids):
+            return
         for cid in cids:
             room[cid] -= 1
-        removed.append(index)
-    return np.sort(np.asarray(removed, dtype=np.int64))
+        removed[index] = None
+
+    for q in sorted(range(len(quotas)), key=lambda q: len(quotas[q][0])):
+        layer = len(keep_one_of) + q
+        for index in order[np.isin(order, quotas[q][0])].tolist():
+            if room[layer] <= 0 or len(removed) == n_remove:
+                break
+            try_remove(index)
+    for index in order.tolist():  # classes no layer writes (padding), if any removal is left
+        if len(removed) == n_remove:
+            break
+        try_remove(index)
+    return np.sort(np.asarray(list(removed), dtype=np.int64))
 
 
 def excluded_by(group: ChannelGroup, patterns: tuple[str, ...]) -> str:

@@ -6,12 +6,14 @@ initializer shared by several nodes is never changed under another reader.
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .dependency import ChannelAnalysis, pad_amounts, slice_params, split_sizes
+from .dependency import ChannelAnalysis, pad_amounts, resize_channel_position, slice_params, split_sizes
 from .load import LoadedModel
-from .ops import consumer_weight_axis, normalize_axis, param_channel_axis, rule_for
+from .ops import consumer_weight_axis, node_rule, normalize_axis, param_channel_axis, rule_for
 from .select import PrunePlan
 
 
@@ -100,9 +102,11 @@ def _conv_transpose(s: _Surgeon, node: gs.Node) -> None:
 
 def _pad(s: _Surgeon, node: gs.Node) -> None:
     mask = s.keep(node.outputs[0])
+    if mask is None:
+        return  # also tensors that carry no channels (shape computations) and have no recorded shape
     rank = s.rank(node.inputs[0])
     begin, end, _ = pad_amounts(node, rank, 1, s.loaded.opset)
-    if mask is None or (begin == 0 and end == 0):
+    if begin == 0 and end == 0:
         return
     new_begin, new_end = int(mask[:begin].sum()), int(mask[len(mask) - end:].sum()) if end else 0
     if "pads" in node.attrs:
@@ -137,9 +141,11 @@ def _split(s: _Surgeon, node: gs.Node) -> None:
 
 def _slice(s: _Surgeon, node: gs.Node) -> None:
     mask = s.keep(node.inputs[0])
+    if mask is None:
+        return
     rank = s.rank(node.inputs[0])
     params = slice_params(node, rank)
-    if mask is None or 1 not in params:
+    if 1 not in params:
         return
     start, end, step = params[1]
     lo, hi, _ = slice(start, end, step).indices(len(mask))
@@ -179,8 +185,11 @@ def _resize(s: _Surgeon, node: gs.Node) -> None:
     mask = s.keep(node.outputs[0])
     if mask is None or node.op != "Resize" or len(node.inputs) < 4 or not isinstance(node.inputs[3], gs.Constant):
         return
+    position = resize_channel_position(node, s.rank(node.inputs[0]))
+    if position is None:
+        return
     sizes = np.asarray(node.inputs[3].values).copy()
-    sizes[1] = int(mask.sum())
+    sizes[position] = int(mask.sum())
     s.set_input(node, 3, sizes)
 
 
@@ -203,7 +212,7 @@ def apply_plan(loaded: LoadedModel, analysis: ChannelAnalysis, plan: PrunePlan) 
     surgeon = _Surgeon(loaded, analysis, plan)
     graph = loaded.graph
     for node in list(graph.nodes):
-        rewrite = REWRITES.get(rule_for(node.op).kind)
+        rewrite = REWRITES.get(node_rule(node).kind)
         if rewrite:
             rewrite(surgeon, node)
     keep_shapes = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
@@ -211,4 +220,5 @@ def apply_plan(loaded: LoadedModel, analysis: ChannelAnalysis, plan: PrunePlan) 
         if isinstance(tensor, gs.Variable) and tensor.name not in keep_shapes:
             tensor.shape = None  # stale channel counts; ONNX Runtime infers them again
     graph.cleanup().toposort()
+    gc.collect()  # replaced weights sit in reference cycles (gs tensors <-> their node lists)
     return graph

@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import ValidationError
-
-_PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialise 2 GB; larger models go through a file
+from .errors import UserInputError, ValidationError
+from .storage import fits_protobuf, save_external  # models over protobuf's 2 GB go through a file
 
 
 @dataclass
@@ -65,7 +64,7 @@ def best_providers(requested: str | None = None) -> list[str]:
         name = {"CUDAEXECUTIONPROVIDER": "CUDAExecutionProvider", "CPUEXECUTIONPROVIDER": "CPUExecutionProvider"}.get(
             name.upper(), name)
         if name not in available:
-            raise ValidationError(f"provider {requested} is not available (available: {', '.join(available)})")
+            raise UserInputError(f"--provider {requested} is not available (available: {', '.join(available)})")
         return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -78,11 +77,11 @@ def session(model: onnx.ModelProto | str, providers: list[str]) -> ort.Inference
     options.log_severity_level = 3
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
-    if model.ByteSize() < _PROTO_LIMIT:
+    if fits_protobuf(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.data")
+        save_external(model, path, "model.data")  # onnx.save would move the weights out of `model`
         return ort.InferenceSession(path, options, providers=providers)
 
 
@@ -114,12 +113,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def check(model: onnx.ModelProto) -> None:
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
+        if fits_protobuf(model):
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory() as folder:
                 path = os.path.join(folder, "model.onnx")
-                onnx.save(model, path, save_as_external_data=True, location="model.data")
+                save_external(model, path, "model.data")
                 onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as err:
         raise ValidationError(f"the pruned model fails the ONNX checker: {str(err).splitlines()[0]}") from None

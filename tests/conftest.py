@@ -13,3 +13,13 @@ def shared_model(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+# Hypothesis profiles: 'ci' (the default, fast enough for every test run) and 'long' for a deep
+# fuzzing run: python -m pytest tests/fuzz --hypothesis-profile long
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci")

@@ -24,18 +24,19 @@ def random_feeds(loaded, batch: int = 2, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     feeds = {}
     for tensor in loaded.graph.inputs:
-        shape = (batch,) + tuple(loaded.input_shapes[tensor.name][1:])
+        static_batch = tensor.shape[0] if tensor.shape and isinstance(tensor.shape[0], int) else None
+        shape = (static_batch or batch,) + tuple(loaded.input_shapes[tensor.name][1:])
         dtype = np.float16 if tensor.dtype == np.float16 else np.float32
         feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 
 def prune_and_compare(model, ratio: float, criterion: str = "whc", round_to: int = 1, seed: int = 0,
-                      rtol: float = 1e-4, atol: float = 1e-5, input_shapes=None):
+                      rtol: float = 1e-4, atol: float = 1e-5, input_shapes=None, exclude=()):
     """Prune; assert checker, output shapes and the zeroed-consumer oracle. Returns (pruned, plan)."""
     loaded = load(model, input_shapes)
     analysis = analyze_channels(loaded)
-    plan = select(analysis, ratio, criterion, round_to, seed=seed)
+    plan = select(analysis, ratio, criterion, round_to, tuple(exclude), seed=seed)
     reference = zeroed_reference(loaded, analysis, plan.removed_roots)
     feeds = random_feeds(loaded)
     apply_plan(loaded, analysis, plan)

@@ -1,0 +1,253 @@
+"""Does pruning make models faster? Measured vs MACs-ideal speedup in ONNX Runtime on CPU.
+
+Builds a synthetic ResNet-50 (224x224) and MobileNetV2, prunes them at one ratio with several
+`--round-to` values, and times original against pruned, interleaved run by run. Then the same at
+equal MACs (`--target-macs` set to what round_to 1 keeps), the ORT settings that change the
+picture (threads, graph optimisation level), and the accuracy each round_to costs on the shared
+ResNet-56 and EfficientNet-Lite0. Writes benchmarks/results/speed.md and speed.json.
+
+    python -m benchmarks.speed                                   # the full run (a few minutes)
+    python -m benchmarks.speed --runs 10 --no-accuracy --no-settings   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import onnx_whc
+from onnx_whc.bench import compare
+from onnx_whc.validate import random_inputs, time_pair
+
+from . import synthetic
+from .common import environment, environment_line, markdown_table, parse_list, shared_model, write_results
+
+BUILDERS = {"resnet50": lambda: synthetic.resnet50(width=1.0), "mobilenet_v2": lambda: synthetic.mobilenet_v2()}
+ACCURACY_MODELS = {"resnet56": "cifar10", "efficientnet_lite0": "imagenet"}
+LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def prune_to_file(source: Path, folder: Path, tag: str, **prune_kwargs) -> tuple[Path, dict]:
+    pruned, report = onnx_whc.prune(source, validate=False, **prune_kwargs)
+    path = folder / f"{source.stem}_{tag}.onnx"
+    onnx_whc.save(pruned, str(path))
+    return path, {"ratio": report.ratio, "round_to": report.round_to, "macs_kept": report.macs_kept,
+                  "params_kept": report.params_kept, "prune_seconds": report.seconds.get("total")}
+
+
+def latency_row(model: str, original: Path, pruned: Path, pruned_info: dict, args) -> dict:
+    result = compare(original, pruned, batches=tuple(args.batches), provider="cpu", runs=args.runs,
+                     warmup=args.warmup)
+    batches = result.to_dict()["batches"]
+    for row in batches:  # the fastest runs are the least disturbed by other load on the machine
+        row["speedup_of_min"] = row["original"]["min_ms"] / row["pruned"]["min_ms"]
+    return {"model": model, **pruned_info, "ideal_speedup": result.ideal_speedup, "batches": batches,
+            "ort_layout": ort_layout(pruned)}
+
+
+def ort_layout(path: Path) -> dict:
+    """How ONNX Runtime's CPU graph optimiser laid the model out: convs in the blocked NCHWc layout
+    (fast kernels), convs left in plain NCHW, and the reorders between the two layouts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+    blocked = sum(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in nodes)
+    plain = sum(n.op_type in ("Conv", "FusedConv") and n.domain != "com.microsoft.nchwc" for n in nodes)
+    reorders = sum(n.op_type in ("ReorderInput", "ReorderOutput") for n in nodes)
+    return {"nchwc_convs": blocked, "nchw_convs": plain, "reorders": reorders}
+
+
+def latency(folder: Path, args) -> tuple[list[dict], list[dict]]:
+    """Rows at the fixed ratio for each round_to, then rows at the MACs that round_to 1 keeps."""
+    at_ratio, at_macs = [], []
+    for model, build in BUILDERS.items():
+        original = synthetic.save(build(), folder / f"{model}.onnx")
+        budget = None
+        for round_to in args.round_to:
+            pruned, info = prune_to_file(original, folder, f"r{round_to}", ratio=args.ratio, round_to=round_to)
+            at_ratio.append(latency_row(model, original, pruned, info, args))
+            print(_row_line(at_ratio[-1]), flush=True)
+            budget = info["macs_kept"] if budget is None else budget
+        for round_to in args.round_to[1:]:
+            pruned, info = prune_to_file(original, folder, f"m{round_to}", target_macs=budget, round_to=round_to)
+            at_macs.append({**latency_row(model, original, pruned, info, args), "target_macs": budget})
+            print("equal MACs:", _row_line(at_macs[-1]), flush=True)
+    return at_ratio, at_macs
+
+
+def _row_line(row: dict) -> str:
+    parts = [f"b{b['batch']} {b['speedup']:.2f}x ({b['of_ideal']:.0%} of ideal, min {b['speedup_of_min']:.2f}x)"
+             for b in row["batches"]]
+    return (f"{row['model']} round_to {row['round_to']} ratio {row['ratio']:g}: MACs kept {row['macs_kept']:.3f}, "
+            f"ideal {row['ideal_speedup']:.2f}x; " + "; ".join(parts))
+
+
+def ort_settings(folder: Path, args) -> list[dict]:
+    """ResNet-50 pruned with round_to 1 and 16, batch 1, under different ORT session settings."""
+    original = folder / "resnet50.onnx"
+    rows = []
+    for round_to in (1, 16):
+        pruned = folder / f"resnet50_r{round_to}.onnx"
+        for threads in (1, 0):
+            for level in LEVELS:
+                before, after = (_session(p, threads, level) for p in (original, pruned))
+                feeds = random_inputs(before, {"input": (1, 3, 224, 224)}, 1)
+                t_before, t_after = time_pair(before, after, feeds, args.runs, args.warmup)
+                rows.append({"round_to": round_to, "threads": threads or "default", "level": level,
+                             "original_ms": float(np.median(t_before)), "pruned_ms": float(np.median(t_after)),
+                             "speedup": float(np.median(t_before) / np.median(t_after))})
+                print(f"settings: round_to {round_to} threads {threads or 'default'} {level}: "
+                      f"{rows[-1]['original_ms']:.2f} -> {rows[-1]['pruned_ms']:.2f} ms "
+                      f"({rows[-1]['speedup']:.2f}x)", flush=True)
+    return rows
+
+
+def _session(path: Path, threads: int, level: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = LEVELS[level]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def accuracy_rows(args) -> list[dict]:
+    """Top-1 of the shared models pruned with each round_to (and unpruned), at each accuracy ratio."""
+    from .datasets import accuracy, load_split
+
+    rows = []
+    for model, dataset in ACCURACY_MODELS.items():
+        path = shared_model(model)
+        x, y = load_split(dataset, "eval", args.limit if dataset == "cifar10" else None)
+        rows.append({"model": model, "round_to": None, "ratio": 0.0, "target_macs": None, "macs_kept": 1.0,
+                     "top1": accuracy(path, x, y), "images": len(y)})
+        for ratio in args.accuracy_ratios:
+            budget = None
+            for round_to in args.round_to:
+                rows.append(_accuracy_row(model, path, x, y, ratio=ratio, round_to=round_to))
+                budget = budget or rows[-1]["macs_kept"]
+            for round_to in args.round_to[1:]:  # at the MACs round_to 1 keeps: the fair comparison
+                rows.append(_accuracy_row(model, path, x, y, target_macs=budget, round_to=round_to))
+    return rows
+
+
+def _accuracy_row(model: str, path: Path, x, y, **prune_kwargs) -> dict:
+    from .datasets import accuracy
+
+    try:
+        pruned, report = onnx_whc.prune(path, validate=False, **prune_kwargs)
+    except onnx_whc.UserInputError as err:  # a MACs budget coarse rounding cannot reach
+        print(f"accuracy: {model} {prune_kwargs}: {err}", flush=True)
+        return {"model": model, "round_to": prune_kwargs["round_to"], "ratio": None,
+                "target_macs": prune_kwargs.get("target_macs"), "macs_kept": None, "top1": None,
+                "images": len(y), "error": str(err)}
+    row = {"model": model, "round_to": report.round_to, "ratio": report.ratio, "target_macs": report.target_macs,
+           "macs_kept": report.macs_kept, "top1": accuracy(pruned.SerializeToString(), x, y), "images": len(y)}
+    print(f"accuracy: {model} round_to {row['round_to']} ratio {row['ratio']:g}: top-1 {row['top1']:.2%}, "
+          f"MACs kept {row['macs_kept']:.3f}", flush=True)
+    return row
+
+
+def markdown(data: dict, args) -> str:
+    batches = args.batches
+    header = ["model", "round_to", "MACs kept", "ideal",
+              *[f"batch {b}: speedup (of ideal); of min times" for b in batches],
+              "ORT convs NCHWc / NCHW, reorders"]
+
+    def table(rows):
+        return markdown_table(header, [[
+            r["model"], r["round_to"], f"{r['macs_kept']:.3f}", f"{r['ideal_speedup']:.2f}x",
+            *[f"{b['speedup']:.2f}x ({b['of_ideal']:.0%}); {b['speedup_of_min']:.2f}x" for b in r["batches"]],
+            "{nchwc_convs} / {nchw_convs}, {reorders}".format(**r["ort_layout"])] for r in rows])
+
+    def latencies(rows):
+        return markdown_table(["model", "round_to", *[f"batch {b}: original / pruned ms" for b in batches]], [[
+            r["model"], r["round_to"],
+            *[f"{b['original']['median_ms']:.2f} / {b['pruned']['median_ms']:.2f}" for b in r["batches"]]]
+            for r in rows])
+
+    parts = [
+        "# Speed: measured vs ideal speedup (ONNX Runtime, CPU)",
+        "",
+        f"Machine: {environment_line(data['environment'])}.",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        f"Synthetic ResNet-50 (width 1.0, 224x224) and MobileNetV2 (`benchmarks.synthetic`), pruned with WHC at "
+        f"ratio {args.ratio}; median of {args.runs} interleaved runs after {args.warmup} warm-up runs, default "
+        "ORT session (all graph optimisations, default thread count). Ideal speedup = original MACs / pruned MACs.",
+        "",
+        f"## At ratio {args.ratio}",
+        "",
+        table(data["at_ratio"]) if data["at_ratio"] else "(not run)",
+        "",
+        latencies(data["at_ratio"]) if data["at_ratio"] else "",
+        "",
+        "## At equal MACs (`--target-macs` = what round_to 1 keeps)",
+        "",
+        table(data["at_macs"]) if data["at_macs"] else "(not run)",
+    ]
+    if data.get("settings"):
+        parts += ["", "## ORT settings (ResNet-50, batch 1)", "",
+                  markdown_table(["round_to", "intra-op threads", "graph optimisation", "original ms", "pruned ms",
+                                  "speedup"],
+                                 [[r["round_to"], r["threads"], r["level"], f"{r['original_ms']:.2f}",
+                                   f"{r['pruned_ms']:.2f}", f"{r['speedup']:.2f}x"] for r in data["settings"]])]
+    if data.get("accuracy"):
+        parts += ["", "## Accuracy of each round_to (top-1 on the eval split, no recovery)", "",
+                  "At each ratio, then at the MACs that round_to 1 keeps there (`--target-macs`).", "",
+                  markdown_table(["model", "round_to", "ratio", "target MACs", "images", "MACs kept", "top-1"],
+                                 [[r["model"], r["round_to"] or "unpruned",
+                                   "" if r["ratio"] is None else f"{r['ratio']:g}",
+                                   f"{r['target_macs']:.3f}" if r["target_macs"] else "", r["images"],
+                                   "unreachable" if r["macs_kept"] is None else f"{r['macs_kept']:.3f}",
+                                   "" if r["top1"] is None else f"{100 * r['top1']:.2f}%"]
+                                  for r in data["accuracy"]])]
+    return "\n".join(parts)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--round-to", type=lambda s: parse_list(s, int), default=[1, 8, 16])
+    parser.add_argument("--batches", type=lambda s: parse_list(s, int), default=[1, 8])
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=2000, help="CIFAR eval images for the accuracy check")
+    parser.add_argument("--accuracy-ratios", type=lambda s: parse_list(s, float), default=[0.1, 0.4],
+                        help="ratios of the accuracy check (without recovery, 0.4 leaves little to compare)")
+    parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--no-latency", action="store_true", help="only the accuracy check")
+    parser.add_argument("--no-settings", action="store_true")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    import sys
+
+    args = parse_args(argv)
+    data = {"environment": environment(), "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:]),
+            "ratio": args.ratio}
+    with tempfile.TemporaryDirectory(prefix="onnx-whc-speed-") as tmp:
+        folder = Path(tmp)
+        data["at_ratio"], data["at_macs"] = ([], []) if args.no_latency else latency(folder, args)
+        data["settings"] = [] if args.no_settings or args.no_latency else ort_settings(folder, args)
+    data["accuracy"] = [] if args.no_accuracy else accuracy_rows(args)
+    data["environment"]["load_average_1min_end"] = environment()["load_average_1min"]
+    text = markdown(data, args)
+    write_results("speed", text, data, **({"folder": args.out} if args.out else {}))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Per-group pruning ratios from calibration sensitivity, under a MACs budget (`--allocate`).
+
+Every prunable group is pruned alone at a few ratios and the damage is measured on calibration
+samples: 1 - cosine similarity of the outputs to the original's. Probes need no surgery: a masked
+copy of the model multiplies every consumer's input by per-channel masks fed at run time, so one
+ONNX Runtime session serves them all (a pruned model equals the original with the removed
+channels' readers zeroed). A greedy search then raises, one step at a time, the ratio of the group
+that adds the least damage per MAC saved, until the model keeps at most the budget: sensitive
+groups (a ResNet's shared trunk) stay whole or lose little, robust ones lose more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .budget import MacsEstimator
+from .dependency import ChannelAnalysis, ChannelGroup
+from .equivalence import export
+from .errors import UserInputError
+from .load import LoadedModel
+from .ops import consumer_weight_axis
+from .recovery.replay import run_model, session
+from .select import class_importance, excluded_by, select
+from .validate import cosine
+
+PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0
+STEP = 0.05  # granularity of the allocated ratios
+_MASK = "allocate_mask::"
+
+
+@dataclass
+class Allocation:
+    ratios: dict[int, float]  # group id -> ratio
+    macs_kept: float  # estimated share of the original MACs
+    damage: dict[int, list[float]] = field(default_factory=dict)  # group id -> damage at PROBE_RATIOS
+
+    def to_dict(self) -> dict:
+        return {"ratios": {str(k): v for k, v in self.ratios.items()}, "macs_kept": round(self.macs_kept, 4),
+                "probe_ratios": list(PROBE_RATIOS),
+                "damage": {str(k): [round(d, 5) for d in v] for k, v in self.damage.items()}}
+
+
+class MaskedModel:
+    """The original model with a run-time channel mask in front of every consumer input."""
+
+    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray], chunk: int):
+        graph = loaded.graph.copy()
+        self.analysis, self.feeds, self.chunk = analysis, feeds, chunk
+        self.masked: dict[str, tuple[int, ...]] = {}
+        masks: dict[str, gs.Variable] = {}
+        for node in list(graph.nodes):
+            x = node.inputs[0] if node.inputs else None
+            if not consumer_weight_axis(node) or x is None or x.name not in analysis.maps:
+                continue
+            if x.name not in masks:
+                rank = len(loaded.shapes[x.name])
+                shape = (1, len(analysis.maps[x.name])) + (1,) * (rank - 2)
+                mask = gs.Variable(_MASK + x.name, dtype=np.float32, shape=list(shape))
+                product = gs.Variable(f"{x.name}::masked", dtype=x.dtype)
+                graph.nodes.append(gs.Node("Mul", f"{x.name}::mask", inputs=[x, mask], outputs=[product]))
+                graph.inputs.append(mask)
+                masks[x.name] = product
+                self.masked[x.name] = shape
+            node.inputs[0] = masks[x.name]
+        graph.toposort()
+        self.session = session(export(graph, loaded))
+        self.reference = self.run(np.zeros(0, np.int64))
+
+    def run(self, removed_roots: np.ndarray) -> list[np.ndarray]:
+        masks = {}
+        for name, shape in self.masked.items():
+            keep = self.analysis.keep_mask(name, removed_roots)
+            masks[_MASK + name] = keep.astype(np.float32).reshape(shape)
+        count = len(next(iter(self.feeds.values())))
+        parts = []
+        for lo in range(0, count, self.chunk):
+            feeds = {k: v[lo:lo + self.chunk] for k, v in self.feeds.items()}
+            parts.append(self.session.run(None, {**feeds, **masks}))
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+    def damage(self, removed_roots: np.ndarray) -> float:
+        outputs = self.run(removed_roots)
+        return float(np.mean([1.0 - cosine(a, b) for a, b in zip(self.reference, outputs)]))
+
+
+def _removed_at(analysis, group: ChannelGroup, ratio: float, select_args: dict) -> np.ndarray:
+    plan = select(analysis, {group.id: ratio}, **select_args)
+    return plan.removed_roots
+
+
+def _cached(select_args: dict) -> Callable[[ChannelGroup], np.ndarray]:
+    """The selection's class scores per group, computed once: every probe reuses them."""
+    rng = np.random.default_rng(select_args.get("seed", 0))
+    given = select_args.get("importance")
+    criterion = select_args.get("criterion", "whc")
+    cache: dict[int, np.ndarray] = {}
+
+    def importance(group: ChannelGroup) -> np.ndarray:
+        if group.id not in cache:
+            cache[group.id] = given(group) if given else class_importance(group, criterion, rng)
+        return cache[group.id]
+
+    return importance
+
+
+class _MacsModel:
+    """MACs of any combination of per-group steps, from per-tensor removed-channel counts."""
+
+    def __init__(self, loaded, analysis, removed: dict[int, list[np.ndarray]]):
+        estimator = MacsEstimator(loaded, analysis)
+        self.total = estimator.total
+        terms = estimator.terms
+        tensors = sorted({t.reads for t in terms if t.reads} | {t.writes for t in terms})
+        position = {name: i for i, name in enumerate(tensors)}
+        self.width = np.array([len(analysis.maps[n]) if n in analysis.maps else 1 for n in tensors], np.float64)
+        self.macs = np.array([t.macs for t in terms], np.float64)
+        self.reads = np.array([position[t.reads] if t.reads else -1 for t in terms])
+        self.writes = np.array([position[t.writes] for t in terms])
+        # counts[g][k, tensor]: channels of the tensor gone when group g is at step k
+        self.counts = {}
+        for gid, steps in removed.items():
+            counts = np.zeros((len(steps), len(tensors)))
+            for k, roots in enumerate(steps):
+                for name, i in position.items():
+                    mask = analysis.keep_mask(name, roots) if len(roots) else None
+                    counts[k, i] = 0 if mask is None else (~mask).sum()
+            self.counts[gid] = counts
+
+    def kept(self, state: dict[int, int]) -> float:
+        gone = sum(self.counts[g][k] for g, k in state.items())
+        share = 1.0 - np.asarray(gone) / self.width
+        reads = np.where(self.reads >= 0, share[np.maximum(self.reads, 0)], 1.0)
+        return float((self.macs * reads * share[self.writes]).sum() / self.total) if self.total else 1.0
+
+
+def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, calib: dict[str, np.ndarray],
+             select_args: dict, samples: int = 128, chunk: int = 64,
+             progress: Callable = lambda items: items) -> Allocation:
+    """Ratios per group meeting `target` (share of MACs kept) with the least measured damage."""
+    if not 0.0 < target <= 1.0:
+        raise UserInputError(f"the MACs budget must be in (0, 1], got {target:g}")
+    select_args = {**select_args, "importance": _cached(select_args)}
+    exclude = select_args.get("exclude", ())
+    groups = [g for g in analysis.groups if g.prunable and not excluded_by(g, exclude)]
+    feeds = {k: v[:samples] for k, v in calib.items()}
+    masked = MaskedModel(loaded, analysis, feeds, chunk)
+    damage: dict[int, list[float]] = {}
+    for group in progress(groups):
+        damage[group.id] = [masked.damage(_removed_at(analysis, group, r, select_args)) for r in PROBE_RATIOS]
+    grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
+    levels, removed = {}, {}
+    for g in groups:  # the grid ratios at which the group really loses one more channel or more
+        levels[g.id], removed[g.id] = [0.0], [np.zeros(0, np.int64)]
+        for r in grid[1:]:
+            roots = _removed_at(analysis, g, float(r), select_args)
+            if len(roots) > len(removed[g.id][-1]):
+                levels[g.id].append(float(r))
+                removed[g.id].append(roots)
+    curves = {gid: np.maximum.accumulate(np.interp(levels[gid], (0.0,) + PROBE_RATIOS, [0.0] + d))
+              for gid, d in damage.items()}
+    macs = _MacsModel(loaded, analysis, removed)
+    state = {g.id: 0 for g in groups}
+    kept = macs.kept(state)
+    while kept > target:
+        best, best_cost, best_kept = None, np.inf, kept
+        for gid, k in state.items():
+            if k + 1 >= len(levels[gid]):
+                continue
+            trial = macs.kept({**state, gid: k + 1})
+            saved = kept - trial
+            if saved <= 0:
+                continue
+            cost = (curves[gid][k + 1] - curves[gid][k]) / saved
+            if cost < best_cost:
+                best, best_cost, best_kept = gid, cost, trial
+        if best is None:
+            raise UserInputError(f"the MACs budget {target:g} is out of reach with ratios up to "
+                                 f"{PROBE_RATIOS[-1]:g} per group (reached {kept:.1%})")
+        state[best] += 1
+        kept = best_kept
+    return Allocation({gid: levels[gid][k] for gid, k in state.items() if k}, kept, damage)

@@ -1,0 +1,179 @@
+"""Ways a model file can hold its weights and structure, each pruned through the exactness oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from onnx_whc.load import load
+
+from .builder import GraphBuilder
+from .oracle import prune_and_compare
+from .test_patterns import RATIOS, in_channels, keep, node_named, out_channels, weight
+
+
+def small_cnn(b: GraphBuilder) -> onnx.ModelProto:
+    """conv -> BN -> relu -> conv -> relu -> pool -> flatten -> gemm: two prunable groups."""
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.batch_norm(b.conv(x, 16, name="c1")))
+    y = b.relu(b.conv(y, 12, name="c2"))
+    y = b.flatten(b.global_average_pool(y))
+    return b.build([b.gemm(y, 10, name="fc")])
+
+
+def assert_small_cnn_pruned(pruned: onnx.ModelProto, ratio: float) -> None:
+    assert out_channels(pruned, "c1") == in_channels(pruned, "c2") == keep(16, ratio)
+    assert out_channels(pruned, "c2") == in_channels(pruned, "fc") == keep(12, ratio)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_external_data_model_from_path(tmp_path, ratio):
+    model = small_cnn(GraphBuilder())
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert (tmp_path / "weights.bin").stat().st_size > 0
+    assert all(onnx.external_data_helper.uses_external_data(t) for t in onnx.load(str(path), load_external_data=False)
+               .graph.initializer)
+    pruned, _ = prune_and_compare(path, ratio)
+    assert_small_cnn_pruned(pruned, ratio)
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in pruned.graph.initializer)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_weights_as_constant_nodes(ratio):
+    model = small_cnn(GraphBuilder(weights_as="constant"))
+    assert not model.graph.initializer and sum(n.op_type == "Constant" for n in model.graph.node) >= 10
+    pruned, _ = prune_and_compare(model, ratio)
+    assert_small_cnn_pruned(pruned, ratio)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_weights_built_by_constant_of_shape(ratio):
+    """A bias filled by ConstantOfShape and a weight computed as ConstantOfShape(1) * W fold into constants."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    fill = onnx.helper.make_tensor("fill", TensorProto.FLOAT, [1], [0.25])
+    bias = b.op("ConstantOfShape", [b.ints([16])], name="bias_fill", value=fill)
+    ones = b.op("ConstantOfShape", [b.ints([16, 3, 3, 3])], name="ones",
+                value=onnx.helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    w = b.op("Mul", [ones, b.random([16, 3, 3, 3], 0.2)], name="scaled_weight")
+    y = b.relu(b.op("Conv", [x, w, bias], name="c1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    model = b.build([b.conv(y, 4, name="c2", c_in=16)])
+    loaded = load(model)
+    assert {n.op for n in loaded.graph.nodes} == {"Conv", "Relu"}
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "c1") == in_channels(pruned, "c2") == keep(16, ratio)
+    assert np.allclose(weight(pruned, "c1", 2), 0.25)
+
+
+def _shape_based_same_pad(b: GraphBuilder, y: str) -> str:
+    """'same' padding computed from the runtime spatial size: Shape -> Slice -> Sub -> Concat -> Pad."""
+    hw = b.op("Slice", [b.op("Shape", [y]), b.ints([2]), b.ints([4])])
+    missing = b.op("Sub", [b.ints([9, 9]), hw])  # pad 8x8 maps to 9x9: one row and one column at the end
+    pads = b.op("Concat", [b.ints([0, 0, 0, 0, 0, 0]), missing], axis=0)
+    return b.op("Pad", [y, pads])
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("chain", ["torch_pad_constant_chain", "shape_slice_concat"])
+def test_same_padding_chain_folds_away(chain, ratio):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv(x, 16, name="c1"))
+    y = b.torch_pad(y, [0, 1, 0, 1]) if chain == "torch_pad_constant_chain" else _shape_based_same_pad(b, y)
+    model = b.build([b.conv(y, 4, k=2, pad=0, name="c2")])
+    loaded = load(model)
+    assert {n.op for n in loaded.graph.nodes} == {"Conv", "Relu", "Pad"}
+    pad = next(n for n in loaded.graph.nodes if n.op == "Pad")
+    assert isinstance(pad.inputs[1], gs.Constant)
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "c1") == in_channels(pruned, "c2") == keep(16, ratio)
+
+
+def test_shape_reads_of_dynamic_dimensions_are_not_baked_in():
+    """With a dynamic height and width, the padding follows the input size: folding it for the
+    --input-shape given would break every other size, so it stays computed (and blocks c1)."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = _shape_based_same_pad(b, b.relu(b.conv(x, 16, name="c1")))
+    y = b.relu(b.conv(y, 8, k=2, pad=0, name="c2"))
+    model = b.build([b.conv(y, 4, name="c3")])
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for dim, name in zip(value.type.tensor_type.shape.dim[2:], "HW"):
+            dim.dim_param = name
+    loaded = load(model, {"x": (1, 3, 8, 8)})
+    assert "Shape" in {n.op for n in loaded.graph.nodes}
+    pruned, _ = prune_and_compare(model, 0.5, input_shapes={"x": (1, 3, 8, 8)})
+    assert out_channels(pruned, "c1") == 16 and out_channels(pruned, "c2") == 4
+    # The pruned model still pads any size to 9x9.
+    session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((1, 3, 6, 6), np.float32)})[0].shape == (1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_old_ir_with_initializers_as_inputs(ratio):
+    b = GraphBuilder(opset=8, ir_version=3)
+    model = small_cnn(b)
+    inputs = {i.name for i in model.graph.input}
+    assert model.ir_version == 3 and {t.name for t in model.graph.initializer} <= inputs
+    pruned, _ = prune_and_compare(model, ratio)
+    assert_small_cnn_pruned(pruned, ratio)
+    assert pruned.ir_version == 3
+    pruned_inputs = [i.name for i in pruned.graph.input]
+    assert pruned_inputs[0] == "x"
+    assert {t.name for t in pruned.graph.initializer} <= set(pruned_inputs)
+    # The declared input shapes follow the pruned initializers.
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
+    for t in pruned.graph.initializer:
+        assert declared[t.name] == list(t.dims)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_initializer_shared_by_two_convs(ratio):
+    """Two convs read one weight; one is fixed by a graph output, the other is pruned.
+
+    The fixed conv must still read the original weight, whole.
+    """
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.conv(x, 16, name="fixed")
+    y = b.op("Conv", [x, "fixed.weight", "fixed.bias"], name="pruned", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    model = b.build([a, b.conv(b.relu(y), 4, name="head", c_in=16)])
+    original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fixed.weight"))
+    pruned, _ = prune_and_compare(model, ratio)
+    np.testing.assert_array_equal(weight(pruned, "fixed"), original)
+    assert out_channels(pruned, "pruned") == keep(16, ratio)
+    assert node_named(pruned, "fixed").input[1] != node_named(pruned, "pruned").input[1]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_initializer_shared_by_two_convs_pruned_differently(ratio):
+    """Both readers of the shared weight are pruned, but in different groups with different scores."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    p = b.relu(b.conv(x, 16, name="p"))
+    q = b.op("Conv", [x, "p.weight", "p.bias"], name="q", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    q = b.relu(b.op("Add", [q, b.conv(x, 16, name="partner", c_in=3)]))  # couples q with 'partner'
+    y = b.op("Add", [b.conv(p, 4, name="head_p", c_in=16), b.conv(q, 4, name="head_q", c_in=16)])
+    model = b.build([y])
+    pruned, plan = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "p") == out_channels(pruned, "q") == keep(16, ratio)
+    removed = {frozenset(p.node.name for p, _ in d.group.producers): d.removed.tolist() for d in plan.decisions}
+    assert removed[frozenset({"p"})] != removed[frozenset({"q", "partner"})]
+    assert not np.array_equal(weight(pruned, "p"), weight(pruned, "q"))
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_fp16_weights_keep_their_type(ratio):
+    model = small_cnn(GraphBuilder(dtype=np.float16))
+    # Half precision has a 2^-10 (~1e-3) resolution and the pruned model sums fewer terms in
+    # a different order than the zeroed original: allow a few units in the last place.
+    pruned, _ = prune_and_compare(model, ratio, rtol=5e-3, atol=5e-3)
+    assert_small_cnn_pruned(pruned, ratio)
+    assert {t.data_type for t in pruned.graph.initializer} == {TensorProto.FLOAT16}
+    assert pruned.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
