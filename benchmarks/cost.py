@@ -215,7 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    data = {"environment": environment(), "command": "python -m benchmarks.cost " + " ".join(sys.argv[1:]),
+    data = {"environment": environment(), "command": " ".join(["python -m benchmarks.cost", *sys.argv[1:]]),
             "interpreter": interpreter_floor()}
     work = Path(tempfile.mkdtemp(prefix="onnx-whc-cost-", dir=args.work))
     try:

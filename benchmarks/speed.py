@@ -121,37 +121,38 @@ def _session(path: Path, threads: int, level: str) -> ort.InferenceSession:
 
 
 def accuracy_rows(args) -> list[dict]:
-    """Top-1 of the shared models pruned with each round_to (and unpruned), at each accuracy ratio."""
+    """Top-1 of the shared models pruned with each round_to at each accuracy ratio, then with round_to 1
+    at the MACs each larger round_to kept (the fair comparison: same budget, finer or coarser widths)."""
     from .datasets import accuracy, load_split
 
     rows = []
     for model, dataset in ACCURACY_MODELS.items():
         path = shared_model(model)
         x, y = load_split(dataset, "eval", args.limit if dataset == "cifar10" else None)
+        extra = {"recover": args.recover, "allocate": False}
+        if args.recover != "none":
+            name = onnx.load(path, load_external_data=False).graph.input[0].name
+            extra["calib"] = {name: np.ascontiguousarray(load_split(dataset, "calib", args.calib)[0])}
         rows.append({"model": model, "round_to": None, "ratio": 0.0, "target_macs": None, "macs_kept": 1.0,
-                     "top1": accuracy(path, x, y), "images": len(y)})
+                     "top1": accuracy(path, x, y), "images": len(y), "recover": "-"})
         for ratio in args.accuracy_ratios:
-            budget = None
+            kept = {}
             for round_to in args.round_to:
-                rows.append(_accuracy_row(model, path, x, y, ratio=ratio, round_to=round_to))
-                budget = budget or rows[-1]["macs_kept"]
-            for round_to in args.round_to[1:]:  # at the MACs round_to 1 keeps: the fair comparison
-                rows.append(_accuracy_row(model, path, x, y, target_macs=budget, round_to=round_to))
+                rows.append(_accuracy_row(model, path, x, y, ratio=ratio, round_to=round_to, **extra))
+                kept[round_to] = rows[-1]["macs_kept"]
+            for round_to in args.round_to[1:]:
+                if kept[round_to] is not None and kept[round_to] < 1.0:
+                    rows.append(_accuracy_row(model, path, x, y, target_macs=kept[round_to], round_to=1, **extra))
     return rows
 
 
 def _accuracy_row(model: str, path: Path, x, y, **prune_kwargs) -> dict:
     from .datasets import accuracy
 
-    try:
-        pruned, report = onnx_whc.prune(path, validate=False, **prune_kwargs)
-    except onnx_whc.UserInputError as err:  # a MACs budget coarse rounding cannot reach
-        print(f"accuracy: {model} {prune_kwargs}: {err}", flush=True)
-        return {"model": model, "round_to": prune_kwargs["round_to"], "ratio": None,
-                "target_macs": prune_kwargs.get("target_macs"), "macs_kept": None, "top1": None,
-                "images": len(y), "error": str(err)}
+    pruned, report = onnx_whc.prune(path, validate=False, **prune_kwargs)
     row = {"model": model, "round_to": report.round_to, "ratio": report.ratio, "target_macs": report.target_macs,
-           "macs_kept": report.macs_kept, "top1": accuracy(pruned.SerializeToString(), x, y), "images": len(y)}
+           "macs_kept": report.macs_kept, "top1": accuracy(pruned.SerializeToString(), x, y), "images": len(y),
+           "recover": prune_kwargs["recover"]}
     print(f"accuracy: {model} round_to {row['round_to']} ratio {row['ratio']:g}: top-1 {row['top1']:.2%}, "
           f"MACs kept {row['macs_kept']:.3f}", flush=True)
     return row
@@ -203,15 +204,14 @@ def markdown(data: dict, args) -> str:
                                  [[r["round_to"], r["threads"], r["level"], f"{r['original_ms']:.2f}",
                                    f"{r['pruned_ms']:.2f}", f"{r['speedup']:.2f}x"] for r in data["settings"]])]
     if data.get("accuracy"):
-        parts += ["", "## Accuracy of each round_to (top-1 on the eval split, no recovery)", "",
-                  "At each ratio, then at the MACs that round_to 1 keeps there (`--target-macs`).", "",
+        parts += ["", "## Accuracy of each round_to (top-1 on the eval split)", "",
+                  f"At each ratio with each round_to, then round_to 1 at the MACs each larger round_to kept "
+                  f"(`--target-macs`); recovery: {args.recover}"
+                  + (f" with {args.calib} calibration images" if args.recover != "none" else "") + ".", "",
                   markdown_table(["model", "round_to", "ratio", "target MACs", "images", "MACs kept", "top-1"],
-                                 [[r["model"], r["round_to"] or "unpruned",
-                                   "" if r["ratio"] is None else f"{r['ratio']:g}",
+                                 [[r["model"], r["round_to"] or "unpruned", f"{r['ratio']:g}",
                                    f"{r['target_macs']:.3f}" if r["target_macs"] else "", r["images"],
-                                   "unreachable" if r["macs_kept"] is None else f"{r['macs_kept']:.3f}",
-                                   "" if r["top1"] is None else f"{100 * r['top1']:.2f}%"]
-                                  for r in data["accuracy"]])]
+                                   f"{r['macs_kept']:.3f}", f"{100 * r['top1']:.2f}%"] for r in data["accuracy"]])]
     return "\n".join(parts)
 
 
@@ -223,8 +223,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--limit", type=int, default=2000, help="CIFAR eval images for the accuracy check")
-    parser.add_argument("--accuracy-ratios", type=lambda s: parse_list(s, float), default=[0.1, 0.4],
-                        help="ratios of the accuracy check (without recovery, 0.4 leaves little to compare)")
+    parser.add_argument("--accuracy-ratios", type=lambda s: parse_list(s, float), default=[0.4])
+    parser.add_argument("--recover", default="lsq", help="recovery for the accuracy check (raw accuracy at 0.4 "
+                        "is near chance whatever the round_to)")
+    parser.add_argument("--calib", type=int, default=256, help="calibration images for the recovery")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--no-latency", action="store_true", help="only the accuracy check")
     parser.add_argument("--no-settings", action="store_true")
@@ -236,7 +238,7 @@ def main(argv=None) -> None:
     import sys
 
     args = parse_args(argv)
-    data = {"environment": environment(), "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:]),
+    data = {"environment": environment(), "command": " ".join(["python -m benchmarks.speed", *sys.argv[1:]]),
             "ratio": args.ratio}
     with tempfile.TemporaryDirectory(prefix="onnx-whc-speed-") as tmp:
         folder = Path(tmp)

@@ -17,14 +17,14 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .budget import MacsEstimator
+from .budget import MacsEstimator, _cached_importance
 from .dependency import ChannelAnalysis, ChannelGroup
 from .equivalence import export
 from .errors import UserInputError
 from .load import LoadedModel
 from .ops import consumer_weight_axis
 from .recovery.replay import run_model, session
-from .select import class_importance, excluded_by, select
+from .select import PrunePlan, excluded_by, select
 from .validate import cosine
 
 PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0
@@ -87,24 +87,19 @@ class MaskedModel:
         return float(np.mean([1.0 - cosine(a, b) for a, b in zip(self.reference, outputs)]))
 
 
-def _removed_at(analysis, group: ChannelGroup, ratio: float, select_args: dict) -> np.ndarray:
-    plan = select(analysis, {group.id: ratio}, **select_args)
-    return plan.removed_roots
+def _removals(analysis: ChannelAnalysis, groups: list[ChannelGroup], ratios, select_args: dict) -> dict:
+    """{(group id, ratio): removed roots} with each group pruned alone at each ratio.
 
-
-def _cached(select_args: dict) -> Callable[[ChannelGroup], np.ndarray]:
-    """The selection's class scores per group, computed once: every probe reuses them."""
-    rng = np.random.default_rng(select_args.get("seed", 0))
-    given = select_args.get("importance")
-    criterion = select_args.get("criterion", "whc")
-    cache: dict[int, np.ndarray] = {}
-
-    def importance(group: ChannelGroup) -> np.ndarray:
-        if group.id not in cache:
-            cache[group.id] = given(group) if given else class_importance(group, criterion, rng)
-        return cache[group.id]
-
-    return importance
+    Groups are decided independently, so one `select` per ratio covers every group.
+    """
+    removed = {}
+    ids = {g.id for g in groups}
+    for ratio in ratios:
+        plan = select(analysis, {gid: float(ratio) for gid in ids}, **select_args)
+        for decision in plan.decisions:
+            if decision.group.id in ids:
+                removed[decision.group.id, float(ratio)] = decision.group.classes[decision.removed]
+    return removed
 
 
 class _MacsModel:
@@ -138,25 +133,27 @@ class _MacsModel:
 
 
 def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, calib: dict[str, np.ndarray],
-             select_args: dict, samples: int = 128, chunk: int = 64,
+             select_args: dict, samples: int = 64, chunk: int = 64,
              progress: Callable = lambda items: items) -> Allocation:
     """Ratios per group meeting `target` (share of MACs kept) with the least measured damage."""
     if not 0.0 < target <= 1.0:
         raise UserInputError(f"the MACs budget must be in (0, 1], got {target:g}")
-    select_args = {**select_args, "importance": _cached(select_args)}
+    select_args = {**select_args, "importance": _cached_importance(
+        select_args.get("criterion", "whc"), select_args.get("seed", 0), select_args.get("importance"))}
     exclude = select_args.get("exclude", ())
     groups = [g for g in analysis.groups if g.prunable and not excluded_by(g, exclude)]
     feeds = {k: v[:samples] for k, v in calib.items()}
     masked = MaskedModel(loaded, analysis, feeds, chunk)
+    grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
+    removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), select_args)
     damage: dict[int, list[float]] = {}
     for group in progress(groups):
-        damage[group.id] = [masked.damage(_removed_at(analysis, group, r, select_args)) for r in PROBE_RATIOS]
-    grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
+        damage[group.id] = [masked.damage(removals[group.id, r]) for r in PROBE_RATIOS]
     levels, removed = {}, {}
     for g in groups:  # the grid ratios at which the group really loses one more channel or more
         levels[g.id], removed[g.id] = [0.0], [np.zeros(0, np.int64)]
         for r in grid[1:]:
-            roots = _removed_at(analysis, g, float(r), select_args)
+            roots = removals[g.id, float(r)]
             if len(roots) > len(removed[g.id][-1]):
                 levels[g.id].append(float(r))
                 removed[g.id].append(roots)
@@ -183,3 +180,14 @@ def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, cali
         state[best] += 1
         kept = best_kept
     return Allocation({gid: levels[gid][k] for gid, k in state.items() if k}, kept, damage)
+
+
+def allocated_plan(loaded: LoadedModel, analysis: ChannelAnalysis, calib: dict[str, np.ndarray],
+                   ratio: float | None, target_macs: float | None, select_args: dict,
+                   progress: Callable = lambda items: items) -> tuple[PrunePlan, Allocation]:
+    """The plan for a budget: `target_macs`, or the MACs a uniform `ratio` would keep."""
+    if target_macs is None:
+        uniform = select(analysis, ratio, **select_args)
+        target_macs = MacsEstimator(loaded, analysis).kept(uniform)
+    allocation = allocate(loaded, analysis, target_macs, calib, select_args, progress=progress)
+    return select(analysis, allocation.ratios, **select_args), allocation

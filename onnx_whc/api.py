@@ -13,6 +13,8 @@ from typing import Iterable
 import click
 import onnx
 
+from . import recover as recovery
+from .allocate import allocated_plan
 from .budget import fit_ratio
 from .dependency import analyze_channels
 from .equivalence import export, release_weights
@@ -20,7 +22,7 @@ from .errors import UserInputError, ValidationError
 from .load import infer_static_shapes, load, read_model
 from .metrics import model_cost
 from .report import AnalysisReport, PruneReport, cost_dict, group_reports, validation_dict
-from .select import select
+from .select import CONSUMER_AWARE, consumer_aware_importance, select
 from .storage import fits_protobuf, save_external
 from .surgery import apply_plan
 from .validate import best_providers
@@ -82,11 +84,23 @@ def prune(
     provider: str | None = None,
     progress: bool = False,
     target_macs: float | None = None,
+    recover: str = "auto",
+    calib=None,
+    calib_size: int | None = None,
+    preprocess=None,
+    allocate: bool | None = None,
+    recovery_settings: recovery.RecoverySettings | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove floor(ratio * N) channels from every prunable group; return the model and a report.
 
     `model` is a path or a ModelProto (never modified). `ratio` defaults to 0.4; `target_macs=F`
     instead picks the smallest ratio whose model keeps at most a fraction F of the MACs.
+
+    Recovery (`recover`: auto, none, bias, stats, lsq; see `onnx_whc.recover`) runs after surgery,
+    before validation. `calib` is a folder of images, an .npy, an .npz or arrays keyed by input name
+    (`calib_size` samples, `preprocess` a `calibration.Preprocess`). With calibration data,
+    `allocate` (default on) spends the same MACs budget per group where calibration shows the least
+    damage instead of one uniform ratio (see `onnx_whc.allocate`).
     """
     if ratio is not None and target_macs is not None:
         raise UserInputError("--ratio and --target-macs are mutually exclusive: give one of them")
@@ -97,27 +111,54 @@ def prune(
     loaded = load(model, input_shapes)
     analysis = analyze_channels(loaded)
     before = model_cost(loaded.graph, loaded.shapes)
+    method = recovery.resolve_method(recover, calib is not None)
+    calib = None if calib is None else recovery.calibration_data(calib, loaded.input_shapes, calib_size,
+                                                                 preprocess, seed)
+    allocate = calib is not None if allocate is None else allocate
+    if allocate and calib is None:
+        raise UserInputError("--allocate needs calibration data: give --calib")
+    importance = consumer_aware_importance(analysis, loaded.graph, criterion, seed) if criterion in CONSUMER_AWARE else None
+    base = CONSUMER_AWARE.get(criterion, criterion)
     clock["analyzed"] = time.perf_counter()
-    if target_macs is None:
-        plan = select(analysis, ratio, criterion, round_to, tuple(exclude), seed,
+    allocation = None
+    if target_macs is not None:
+        target_macs = _check_number(target_macs, "--target-macs", "(0, 1]")
+    if allocate:
+        select_args = dict(criterion=base, round_to=round_to, exclude=tuple(exclude), seed=seed, importance=importance)
+        plan, allocation = allocated_plan(loaded, analysis, calib, ratio, target_macs, select_args,
+                                          progress_bar(progress, "measuring group sensitivity"))
+    elif target_macs is None:
+        plan = select(analysis, ratio, base, round_to, tuple(exclude), seed, importance=importance,
                       progress=progress_bar(progress, "scoring groups"))
     else:
-        target_macs = _check_number(target_macs, "--target-macs", "(0, 1]")
-        fit = fit_ratio(loaded, analysis, target_macs, criterion, round_to, tuple(exclude), seed,
-                        progress=progress_bar(progress, "fitting the MACs budget"))
+        fit = fit_ratio(loaded, analysis, target_macs, base, round_to, tuple(exclude), seed,
+                        progress=progress_bar(progress, "fitting the MACs budget"), importance=importance)
         ratio, plan = fit.ratio, fit.plan
     clock["selected"] = time.perf_counter()
+    original_model = export(loaded.graph.copy(), loaded) if method != "none" and plan.removed_channels else None
+    shapes = dict(loaded.shapes)
     groups = group_reports(analysis, loaded.shapes, before.macs, loaded.graph, plan)
     apply_plan(loaded, analysis, plan)
     after = model_cost(loaded.graph, infer_static_shapes(loaded.graph, loaded.input_shapes))
     pruned = export(loaded.graph, loaded)
     release_weights(loaded.graph)  # the exported model holds them now: never both copies for long
     clock["pruned"] = time.perf_counter()
+    recovered = None
+    if original_model is not None:
+        settings = recovery_settings or recovery.RecoverySettings()
+        settings = recovery.RecoverySettings(**{**vars(settings), "method": method, "seed": seed})
+        pruned, recovered = recovery.recover(
+            original_model, pruned, lambda name: analysis.keep_mask(name, plan.removed_roots), loaded.input_shapes,
+            calib, settings, shapes, progress_bar(progress, f"recovering ({method})"))
+        del original_model
+        clock["recovered"] = time.perf_counter()
     if target_macs is not None and after.macs > target_macs * before.macs:
         raise ValidationError(f"ratio {ratio:g} keeps {after.macs / before.macs:.2%} of the MACs, "
                               f"over --target-macs {target_macs:g} (the estimate from the plan was wrong)")
     report = PruneReport(ratio, criterion, round_to, cost_dict(before), cost_dict(after), groups)
     report.target_macs = target_macs
+    report.recovery = recovered
+    report.allocation = allocation.to_dict() if allocation else None
     if validate and plan.removed_channels:  # an unchanged model needs no checking
         original = model if isinstance(model, onnx.ModelProto) else os.fspath(model)
         report.validation = validation_dict(validate_models(original, pruned, loaded.input_shapes, provider=provider))
@@ -206,6 +247,19 @@ def same_file(a: str, b: str) -> bool:
         return os.path.exists(b) and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def external_data_files(path: str) -> list[str]:
+    """The files a model file keeps its weights in besides itself (none when it cannot be read)."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # unreadable: loading reports it properly
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {dict((e.key, e.value) for e in t.external_data).get("location", "")
+                 for t in onnx.external_data_helper._get_all_tensors(model)
+                 if onnx.external_data_helper.uses_external_data(t)}
+    return [os.path.join(folder, name) for name in sorted(locations)]
 
 
 __all__ = ["analyze", "prune", "save", "read_model"]

@@ -83,12 +83,16 @@ def fit_ratio(
     exclude: tuple[str, ...] = (),
     seed: int = 0,
     progress: Callable | None = None,
+    importance: Callable[[ChannelGroup], np.ndarray] | None = None,
 ) -> BudgetFit:
-    """The smallest ratio (on a 1e-4 grid) whose plan keeps at most `target` of the MACs."""
+    """The smallest ratio (on a 1e-4 grid) whose plan keeps at most `target` of the MACs.
+
+    `importance` replaces the criterion's class scores (as in `select`), e.g. for `whc+`.
+    """
     if not 0.0 < target <= 1.0:
         raise UserInputError(f"--target-macs must be in (0, 1], got {target:g}")
     estimator = MacsEstimator(loaded, analysis)
-    scores = _cached_importance(criterion, seed)
+    scores = _cached_importance(criterion, seed, importance)
 
     def probe(step: int) -> BudgetFit:
         plan = select(analysis, step / _GRID, criterion, round_to, exclude, seed, importance=scores)
@@ -116,7 +120,8 @@ def fit_ratio(
     return best
 
 
-def _cached_importance(criterion: str, seed: int) -> Callable[[ChannelGroup], np.ndarray]:
+def _cached_importance(criterion: str, seed: int,
+                       given: Callable[[ChannelGroup], np.ndarray] | None = None) -> Callable[[ChannelGroup], np.ndarray]:
     """Each group's class scores, computed at first use and reused by every probe.
 
     One generator serves all groups, so the random criterion draws once per group, like `select`.
@@ -126,7 +131,7 @@ def _cached_importance(criterion: str, seed: int) -> Callable[[ChannelGroup], np
 
     def importance(group: ChannelGroup) -> np.ndarray:
         if group.id not in cache:
-            cache[group.id] = class_importance(group, criterion, rng)
+            cache[group.id] = given(group) if given else class_importance(group, criterion, rng)
         return cache[group.id]
 
     return importance

@@ -14,10 +14,13 @@ import click
 from . import __version__
 from .api import analyze as analyze_model
 from .api import prune as prune_model
-from .api import check_writable, copy_unchanged, same_file, save
+from .api import check_writable, copy_unchanged, external_data_files, same_file, save
 from .bench import compare, parse_batches
+from .calibration import Preprocess
 from .criteria import CRITERIA
 from .errors import OnnxWhcError, UserInputError
+from .recover import METHODS, RecoverySettings
+from .select import CONSUMER_AWARE
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -32,6 +35,47 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
             raise UserInputError(f"--input-shape '{value}' is not NAME:DxDxD (e.g. input:1x3x224x224)")
         shapes[name] = shape
     return shapes
+
+
+def parse_triple(option: str, value: str) -> tuple[float, float, float]:
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3:
+        raise UserInputError(f"{option} '{value}' is not three comma-separated numbers (e.g. 0.485,0.456,0.406)")
+    return numbers
+
+
+_CALIBRATION_OPTIONS = [
+    click.option("--calib", type=click.Path(), help="Calibration data for recovery and --allocate: a folder of "
+                 "images, an .npy (N x C x H x W float32, used as-is) or an .npz keyed by input name."),
+    click.option("--calib-size", type=int, default=1000, show_default=True,
+                 help="Calibration samples used: a seeded random subset of a folder, the first rows of an array."),
+    click.option("--mean", default="0.485,0.456,0.406", show_default=True,
+                 help="Per-channel RGB mean subtracted from images scaled to [0, 1]."),
+    click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Per-channel RGB std divided by."),
+    click.option("--resize", type=int, help="Scale images' short side to this many pixels (bilinear). "
+                 "Without --resize/--crop, images are resized to the model's input size."),
+    click.option("--crop", type=int, help="Centre-crop a square of this size (after --resize)."),
+    click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+                 help="Layout of the model's image input."),
+    click.option("--recover", "recover", type=click.Choice(METHODS), default="auto", show_default=True,
+                 help="Post-pruning recovery without training. auto: lsq with --calib, none without; "
+                 "lsq: per-layer least squares against the original's outputs; stats: match output mean/std; "
+                 "bias: data-free bias compensation."),
+    click.option("--allocate/--no-allocate", default=None,
+                 help="Spend the MACs budget of --ratio/--target-macs per group where calibration shows the "
+                 "least damage, instead of one uniform ratio.  [default: on with --calib]"),
+    click.option("--recover-samples", type=int, default=RecoverySettings.samples, show_default=True,
+                 help="Sampled output positions per layer for lsq/stats (memory and time grow with it)."),
+]
+
+
+def _calibration_options(command):
+    for option in reversed(_CALIBRATION_OPTIONS):
+        command = option(command)
+    return command
 
 
 class _Command(click.Command):
@@ -78,7 +122,8 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--ratio", "-r", help="Share of channels removed from every group, in [0, 1).  [default: 0.4]")
 @click.option("--target-macs", help="Instead of --ratio: prune until at most this share of MACs is left, in (0, 1].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
-@click.option("--criterion", "-c", type=click.Choice(list(CRITERIA)), default="whc", show_default=True)
+@click.option("--criterion", "-c", type=click.Choice(list(CRITERIA) + list(CONSUMER_AWARE)), default="whc",
+              show_default=True, help="Filter score; whc+ weighs WHC by the norm of the consumers' weights.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts become multiples of this.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the full JSON report here.")
@@ -86,17 +131,25 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--provider", help="ONNX Runtime provider for validation (cuda or cpu; default: the best available).")
 @_input_shape
+@_calibration_options
 def prune(model, ratio, target_macs, output, criterion, exclude, round_to, report_path, no_validate, seed, provider,
-          input_shape):
+          input_shape, calib, calib_size, mean, std, resize, crop, layout, recover, allocate, recover_samples):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
+    for data in external_data_files(model) if output and os.path.isfile(model) else ():
+        if same_file(data, output) or same_file(data, output + ".data"):  # .data: where large outputs keep weights
+            raise UserInputError(f"-o {output} would overwrite the input's weights in {data}: choose another path")
     for option, path in (("-o", output), ("--report", report_path)):
         if path:
             check_writable(option, path)  # before the work, not after it
     pruned, report = prune_model(model, ratio=ratio, target_macs=target_macs, criterion=criterion, exclude=exclude,
                                  round_to=round_to, seed=seed, validate=not no_validate,
-                                 input_shapes=parse_input_shapes(input_shape), provider=provider, progress=True)
+                                 input_shapes=parse_input_shapes(input_shape), provider=provider, progress=True,
+                                 recover=recover, calib=calib, calib_size=calib_size, allocate=allocate,
+                                 preprocess=Preprocess(parse_triple("--mean", mean), parse_triple("--std", std),
+                                                       resize, crop, layout),
+                                 recovery_settings=RecoverySettings(samples=recover_samples))
     removed = sum(len(g.removed) for g in report.groups)
     click.echo(report.summary())
     if report_path:

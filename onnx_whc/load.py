@@ -345,14 +345,13 @@ def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]
     Weights become shape-only graph inputs, so this costs little even for models over 2 GB.
     """
     skeleton = graph.copy()
-    weights = []
+    unique = {}  # one stub per weight, however many nodes share it
     for node in skeleton.nodes:
         for i, tensor in enumerate(node.inputs):
             if isinstance(tensor, gs.Constant) and np.prod(tensor.shape, dtype=np.int64) > _WEIGHT_ELEMENTS:
-                stub = gs.Variable(tensor.name, dtype=tensor.dtype, shape=tensor.shape)
-                node.inputs[i] = stub
-                weights.append(stub)
-    unique = {t.name: t for t in weights}
+                if tensor.name not in unique:
+                    unique[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=tensor.shape)
+                node.inputs[i] = unique[tensor.name]
     for tensor in skeleton.inputs:
         tensor.shape = list(input_shapes[tensor.name])
     skeleton.inputs = list(skeleton.inputs) + list(unique.values())

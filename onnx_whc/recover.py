@@ -11,13 +11,15 @@ Runs after surgery and before validation, on the exported pruned model, against 
   alone, folded into the biases of the layers that read it;
 - `none`.
 
-`auto` picks `lsq` with calibration data and `bias` without (see benchmarks/results/recovery.md).
+`auto` picks `lsq` with calibration data and `none` without: on the shared BN-folded models the
+data-free estimate made accuracy worse (see benchmarks/results/recovery.md).
 The report records the method, its settings, the time, and the fidelity (cosine similarity of
 the outputs to the original's) on held-out calibration samples before and after.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -25,6 +27,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from .calibration import Preprocess, load_calibration
 from .errors import UserInputError
 from .recovery import bias as data_free
 from .recovery.fit import FitSettings, fit_layers
@@ -52,8 +55,8 @@ class RecoverySettings:
 def resolve_method(method: str, has_calibration: bool) -> str:
     if method not in METHODS:
         raise UserInputError(f"--recover must be one of {', '.join(METHODS)}, got '{method}'")
-    if method == "auto":
-        return "lsq" if has_calibration else "bias"
+    if method == "auto":  # data-free bias compensation measured no gain on BN-folded models: not a default
+        return "lsq" if has_calibration else "none"
     if method in ("stats", "lsq") and not has_calibration:
         raise UserInputError(f"--recover {method} needs calibration data: give --calib")
     return method
@@ -83,6 +86,15 @@ def check_calibration(calib: dict[str, np.ndarray], input_shapes: dict[str, tupl
     if len(counts) != 1 or 0 in counts:
         raise UserInputError("calibration arrays must hold the same, non-zero number of samples")
     return checked
+
+
+def calibration_data(calib, input_shapes: dict[str, tuple[int, ...]], size: int | None = None,
+                     preprocess: Preprocess | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration inputs from a path (folder of images, .npy, .npz) or from arrays, checked."""
+    if isinstance(calib, (str, os.PathLike)):
+        return load_calibration(calib, input_shapes, size, preprocess or Preprocess(), seed)
+    checked = check_calibration(calib, input_shapes)
+    return {name: array[:size] for name, array in checked.items()}
 
 
 def _split(calib: dict, holdout: int) -> tuple[dict, dict]:

@@ -57,6 +57,7 @@ class PruneReport:
     recovery: dict | None = None
     seconds: dict = field(default_factory=dict)
     target_macs: float | None = None  # the MACs budget the ratio was chosen for, if any
+    allocation: dict | None = None  # per-group ratios chosen from calibration sensitivity (--allocate)
 
     @property
     def macs_kept(self) -> float:
@@ -85,10 +86,15 @@ class PruneReport:
             f"({100 * (1 - self.params_kept):.1f}% fewer)",
         ]
         if self.target_macs is not None:
-            lines.append(f"target MACs {self.target_macs:.1%}: chose ratio {self.ratio:g}, keeps {self.macs_kept:.2%}")
+            chose = "allocated per group" if self.ratio is None else f"chose ratio {self.ratio:g}"
+            lines.append(f"target MACs {self.target_macs:.1%}: {chose}, keeps {self.macs_kept:.2%}")
         fixed = [g for g in self.groups if not g.prunable]
         if fixed:
             lines.append(f"{len(fixed)} groups left whole, e.g. group {fixed[0].id}: {fixed[0].reasons[0]}")
+        if self.allocation:
+            ratios = self.allocation["ratios"]
+            lines.append(f"allocated by calibration sensitivity: {len(ratios)} groups pruned, ratios "
+                         f"{min(ratios.values(), default=0):g}..{max(ratios.values(), default=0):g}")
         if self.recovery:
             lines.append(f"recovery {self.recovery.get('method')}: {self.recovery.get('summary', '')}")
         if self.validation:

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_whc.api
 from onnx_whc.cli import main
-from onnx_whc.errors import UserInputError, ValidationError
+from onnx_whc.errors import ValidationError
 
 from .fuzz.builder import Net
 
@@ -129,7 +129,8 @@ def test_shapes_that_do_not_add_up(tmp_path):
     """Add of 8 and 4 channels parses and passes the checker, but cannot run."""
     w8 = numpy_helper.from_array(np.ones((8, 3, 1, 1), np.float32), "w8")
     w4 = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w4")
-    nodes = [helper.make_node("Conv", ["x", "w8"], ["a"], name="c8"), helper.make_node("Conv", ["x", "w4"], ["b"], name="c4"),
+    nodes = [helper.make_node("Conv", ["x", "w8"], ["a"], name="c8"),
+             helper.make_node("Conv", ["x", "w4"], ["b"], name="c4"),
              helper.make_node("Add", ["a", "b"], ["y"], name="add")]
     path = tmp_path / "mismatch.onnx"
     onnx.save(graph_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", None)], [w8, w4]), path)
@@ -324,16 +325,7 @@ def test_output_in_proc(model_path, monkeypatch):
 # ---- calibration data ------------------------------------------------------------------------
 
 def _calib_error(model_path: Path, calib: Path) -> str:
-    """The error for bad --calib data: through the CLI once it has the option, else the API it will use."""
-    from onnx_whc.cli import prune as prune_command
-
-    if any("--calib" in p.opts for p in prune_command.params):
-        return error_line(cli("prune", model_path, "--calib", calib), 2)
-    from onnx_whc.calibration import load_calibration
-    with pytest.raises(UserInputError) as err:
-        load_calibration(calib, {"input": ("N", 3, 16, 16)})
-    assert "\n" not in str(err.value)
-    return f"error: {err.value}"
+    return error_line(cli("prune", model_path, "--calib", calib, "-o", model_path.parent / "out.onnx"), 2)
 
 
 def test_calib_not_images_or_arrays(tmp_path, model_path):
@@ -380,7 +372,8 @@ def _int8_weights_model():
     """Weight-only quantization: int8 weights cast and scaled right before the Conv."""
     w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.int8), "w8")
     scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
-    nodes = [helper.make_node("Cast", ["w8"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["wf", "s"], ["w"]),
+    nodes = [helper.make_node("Cast", ["w8"], ["wf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["wf", "s"], ["w"]),
              helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
     return graph_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 4, 4, 4])], [w, scale])
 
@@ -510,8 +503,9 @@ def test_large_models_get_external_data(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
     onnx.checker.check_model(str(out), full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-    want = ort.InferenceSession(expected.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    cpu = ["CPUExecutionProvider"]
+    got = ort.InferenceSession(str(out), providers=cpu).run(None, {"input": x})
+    want = ort.InferenceSession(expected.SerializeToString(), providers=cpu).run(None, {"input": x})
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
@@ -532,3 +526,14 @@ def test_large_input_with_external_data(tmp_path):
     assert result.exit_code == 0, result.output
     assert (digest(source), digest(tmp_path / "in.weights")) == before
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("location, target", [("in.weights", "in.weights"), ("out.onnx.data", "out.onnx")])
+def test_output_would_overwrite_the_inputs_weights(tmp_path, location, target):
+    """The input's external data is part of the input: neither -o nor the <-o>.data beside it may hit it."""
+    source, data = tmp_path / "in.onnx", tmp_path / location
+    onnx.save(small_net().model(), source, save_as_external_data=True, location=location, size_threshold=0)
+    before = digest(data)
+    line = error_line(cli("prune", source, "-o", tmp_path / target), 2)
+    assert line == f"error: -o {tmp_path / target} would overwrite the input's weights in {data}: choose another path"
+    assert digest(data) == before

@@ -54,8 +54,8 @@ def clipped(stats: Stats, low: float, high: float) -> Stats:
     a, b = (low - mu) / s, (high - mu) / s
     pa, pb = _cdf(a), _cdf(b)
     da, db = _pdf(a), _pdf(b)
-    a_da = np.where(np.isfinite(a), a * da, 0.0)
-    b_db = np.where(np.isfinite(b), b * db, 0.0)
+    a_da = np.where(np.isfinite(a), a, 0.0) * da  # t * pdf(t) -> 0 at infinite bounds
+    b_db = np.where(np.isfinite(b), b, 0.0) * db
     low_part = low * pa if np.isfinite(low) else 0.0
     high_part = high * (1 - pb) if np.isfinite(high) else 0.0
     inside = pb - pa

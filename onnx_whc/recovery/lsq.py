@@ -1,9 +1,11 @@
 """Least-squares reconstruction (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
 
 Each layer's weights on its kept inputs (and its bias) are solved so that, on calibration
-patches, it reproduces the original model's outputs of that layer. With ridge regularisation
-`ridge * trace(C) / d` on the centred Gram matrix C the solve is stable even when kept inputs
-are nearly collinear; the bias is the unregularised intercept.
+patches, it reproduces the original model's outputs of that layer. The ridge term pulls the
+weights towards the pruned layer's own (lambda = `ridge * trace(C) / d` on the centred Gram
+matrix C): the solve stays stable when kept inputs are nearly collinear, and where the data
+cannot tell (fewer samples than inputs, as for a classifier fed one row per image) the weights
+stay what they were instead of shrinking to zero. The bias is the unregularised intercept.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .moments import Moments
 
 
 def ridge_fit(moments: Moments, current: Affine, ridge: float) -> Affine:
-    """Per group: weights (d, m) and bias minimising ||x W + b - y||^2 + lambda ||W||^2.
+    """Per group: weights (d, m) and bias minimising ||x W + b - y||^2 + lambda ||W - W_now||^2.
 
     Layers without a bias (MatMul) are solved without an intercept.
     """
@@ -28,7 +30,7 @@ def ridge_fit(moments: Moments, current: Affine, ridge: float) -> Affine:
     scale = np.trace(gram, axis1=1, axis2=2) / dim
     damping = ridge * scale + 1e-12 * (scale + 1.0)  # the tiny term only guards all-zero inputs
     gram[:, np.arange(dim), np.arange(dim)] += damping[:, None]
-    weights = np.linalg.solve(gram, cross)
+    weights = np.linalg.solve(gram, cross + damping[:, None, None] * current.weights)
     if not intercept:
         return Affine(weights, None)
     return Affine(weights, moments.y_mean - np.einsum("gd,gdm->gm", moments.x_mean, weights))

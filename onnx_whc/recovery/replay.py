@@ -55,6 +55,8 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
 def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Recovery alternates ONNX Runtime with numpy: idle runtime threads must not spin on the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=providers or ["CPUExecutionProvider"])
 

@@ -120,7 +120,7 @@ def split(draw, g: _Graph) -> None:
     if equal:
         sizes = [c // parts] * parts
     else:
-        cuts = sorted(draw(st.lists(st.integers(1, c - 1), min_size=parts - 1, max_size=parts - 1, unique=True)))
+        cuts = sorted(draw(st.permutations(range(1, c)))[:parts - 1])
         sizes = [b - a for a, b in zip([0] + cuts, cuts + [c])]
     outs = g.net.split(g.take(x), sizes, by_count=equal)
     for out in outs:

@@ -1,0 +1,324 @@
+"""Post-training recovery: exact least squares, statistics and bias corrections, wiring and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from onnx_whc.allocate import allocated_plan
+from onnx_whc.api import prune
+from onnx_whc.cli import main
+from onnx_whc.dependency import analyze_channels
+from onnx_whc.equivalence import export
+from onnx_whc.errors import UserInputError
+from onnx_whc.load import infer_static_shapes, load
+from onnx_whc.metrics import model_cost
+from onnx_whc.recover import RecoverySettings, recover
+from onnx_whc.recovery.layers import ConvGeometry, Sample, patches
+from onnx_whc.recovery.replay import Replay, run_model
+from onnx_whc.select import consumer_aware_importance, select
+from onnx_whc.surgery import apply_plan
+from onnx_whc.validate import cosine
+
+from .builder import GraphBuilder
+
+
+def _set(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+
+
+def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def _make_dependent(model: onnx.ModelProto, conv: str, dependent: list[int], seed: int = 0) -> None:
+    """Rewrite filters (and biases) `dependent` of a conv as linear combinations of two others."""
+    rng = np.random.default_rng(seed)
+    w, b = _get(model, f"{conv}.weight").copy(), _get(model, f"{conv}.bias").copy()
+    for channel in dependent:
+        i, j = rng.choice([c for c in range(len(w)) if c not in dependent], 2, replace=False)
+        a, c = rng.normal(size=2)
+        w[channel], b[channel] = a * w[i] + c * w[j], a * b[i] + c * b[j]
+    _set(model, f"{conv}.weight", w)
+    _set(model, f"{conv}.bias", b)
+
+
+def _pruned_pair(model: onnx.ModelProto, ratio, lowest: dict[str, list[int]] | None = None):
+    """(original, pruned, keep, input shapes) with the channels in `lowest` (per conv) removed first."""
+    loaded = load(model)
+    analysis = analyze_channels(loaded)
+    importance = None
+    if lowest:
+        def importance(group):
+            scores = np.ones(group.channels)
+            for producer, class_index in group.producers:
+                scores[class_index[lowest.get(producer.node.name, [])]] = 0.0
+            return scores
+    plan = select(analysis, ratio, importance=importance)
+    original = export(loaded.graph.copy(), loaded)
+    apply_plan(loaded, analysis, plan)
+    pruned = export(loaded.graph, loaded)
+    return original, pruned, lambda name: analysis.keep_mask(name, plan.removed_roots), loaded.input_shapes
+
+
+def _max_error(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> float:
+    (ya,), (yb,) = run_model(a, {"x": x}, 64), run_model(b, {"x": x}, 64)
+    return float(np.abs(ya - yb).max() / np.abs(ya).max())
+
+
+def _linear_convs() -> onnx.ModelProto:
+    b = GraphBuilder(seed=1)
+    x = b.input("x", [1, 4, 8, 8])
+    y = b.conv(b.conv(x, 8, name="c1"), 6, stride=2, name="c2")
+    return b.build([b.gemm(b.flatten(b.global_average_pool(b.conv(y, 6, k=1, name="c3"))), 5, name="fc")])
+
+
+def test_lsq_recovers_linear_model_exactly():
+    """Removed filters that are combinations of kept ones leave nothing to lose: LSQ must undo the pruning."""
+    model = _linear_convs()
+    _make_dependent(model, "c1", [6, 7])
+    _make_dependent(model, "c3", [4, 5], seed=2)
+    original, pruned, keep, shapes = _pruned_pair(model, {0: 0.25, 2: 0.34}, {"c1": [6, 7], "c3": [4, 5]})
+    calib = np.random.default_rng(0).standard_normal((48, 4, 8, 8)).astype(np.float32)
+    held = np.random.default_rng(1).standard_normal((16, 4, 8, 8)).astype(np.float32)
+    assert _max_error(original, pruned, held) > 0.05  # pruning alone does change the outputs
+    recovered, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq", ridge=0.0))
+    assert _max_error(original, recovered, held) < 1e-4
+    assert {r["layer"] for r in report["per_layer"]} >= {"c2", "fc"}  # a Conv and a Gemm consumer
+    onnx.checker.check_model(recovered, full_check=True)
+
+
+def test_lsq_non_sequential_is_exact_on_the_linear_model_too():
+    model = _linear_convs()
+    _make_dependent(model, "c1", [6, 7])
+    original, pruned, keep, shapes = _pruned_pair(model, {0: 0.25}, {"c1": [6, 7]})
+    calib = np.random.default_rng(0).standard_normal((48, 4, 8, 8)).astype(np.float32)
+    settings = RecoverySettings(method="lsq", ridge=0.0, sequential=False)
+    recovered, _ = recover(original, pruned, keep, shapes, calib, settings)
+    held = np.random.default_rng(1).standard_normal((16, 4, 8, 8)).astype(np.float32)
+    assert _max_error(original, recovered, held) < 1e-4
+
+
+def _relu_net(batch_norm: bool) -> onnx.ModelProto:
+    """conv -> [BatchNorm] -> Relu -> conv -> ... whose first conv has channels of large positive mean."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 3, 10, 10])
+    h = b.conv(x, 12, name="c1")
+    h = b.relu(b.batch_norm(h, name="bn") if batch_norm else h)
+    h = b.relu(b.conv(h, 10, name="c2"))
+    return b.build([b.conv(h, 4, k=1, name="c3")])
+
+
+def _calibrate_batch_norm(model: onnx.ModelProto, x: np.ndarray) -> None:
+    """Running statistics that match the data, as training leaves them, and large shifts."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("c1", onnx.TensorProto.FLOAT, None))
+    (_, c1) = run_model(probe, {"x": x}, 64)
+    _set(model, "bn.mean", c1.mean(axis=(0, 2, 3)))
+    _set(model, "bn.var", c1.var(axis=(0, 2, 3)))
+    _set(model, "bn.bias", np.linspace(0.5, 2.0, 12))
+
+
+def test_data_free_bias_improves_fidelity_with_batch_norm():
+    x = np.random.default_rng(0).standard_normal((64, 3, 10, 10)).astype(np.float32)
+    model = _relu_net(batch_norm=True)
+    _calibrate_batch_norm(model, x)
+    original, pruned, keep, shapes = _pruned_pair(model, {0: 0.5})
+    recovered, report = recover(original, pruned, keep, shapes, None, RecoverySettings(method="bias"))
+    assert report["method"] == "bias" and report["layers"] >= 1
+    before, after = cosine(*[run_model(m, {"x": x}, 64)[0] for m in (original, pruned)]), \
+        cosine(*[run_model(m, {"x": x}, 64)[0] for m in (original, recovered)])
+    assert after > before + 0.01, (before, after)
+
+
+def test_stats_improves_fidelity_on_held_out_samples():
+    model = _relu_net(batch_norm=False)
+    original, pruned, keep, shapes = _pruned_pair(model, 0.5)
+    calib = np.random.default_rng(0).standard_normal((200, 3, 10, 10)).astype(np.float32) + 0.5
+    recovered, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="stats"))
+    before, after = report["fidelity_before"]["c3"], report["fidelity_after"]["c3"]
+    assert after > before + 0.01, (before, after)
+    assert all(r["error_after"] <= r["error_before"] + 1e-9 for r in report["per_layer"])
+
+
+def test_lsq_beats_stats_on_a_nonlinear_model():
+    model = _relu_net(batch_norm=False)
+    original, pruned, keep, shapes = _pruned_pair(model, 0.5)
+    calib = np.random.default_rng(0).standard_normal((200, 3, 10, 10)).astype(np.float32)
+    _, lsq = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq"))
+    _, stats = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="stats"))
+    assert lsq["fidelity_after"]["c3"] > max(stats["fidelity_after"]["c3"], lsq["fidelity_before"]["c3"])
+
+
+def test_grouped_and_depthwise_consumers_are_fitted_per_group():
+    b = GraphBuilder(seed=5)
+    x = b.input("x", [1, 4, 9, 9])
+    h = b.relu(b.conv(x, 8, name="c1"))
+    h = b.relu(b.conv(h, 8, k=3, group=8, name="dw"))  # depthwise follows c1's channels
+    h = b.relu(b.conv(h, 8, k=3, stride=2, group=2, name="grouped"))
+    model = b.build([b.conv(h, 3, k=1, name="head")])
+    original, pruned, keep, shapes = _pruned_pair(model, 0.25)
+    calib = np.random.default_rng(0).standard_normal((120, 4, 9, 9)).astype(np.float32)
+    recovered, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq"))
+    fitted = {r["layer"]: r for r in report["per_layer"]}
+    assert fitted["dw"]["groups"] > 1 and fitted["grouped"]["groups"] == 2
+    assert report["fidelity_after"]["head"] > report["fidelity_before"]["head"]
+
+
+def test_sampled_patches_reproduce_the_convolution():
+    """im2col at sampled positions, times the weights, equals ONNX Runtime's conv (stride, pads, dilation, groups)."""
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((6, 2, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", strides=[2, 1], pads=[1, 2, 0, 1],
+                            dilations=[2, 1], group=2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((5, 4, 9, 8)).astype(np.float32)
+    (y,) = run_model(model, {"x": x}, 5)
+    replay = Replay(model, {"x": x}, chunk=2)  # several chunks
+    geometry = ConvGeometry.of(node, w.shape, x.shape[2:])
+    image = np.repeat(np.arange(5), 6)
+    coords = np.stack([rng.integers(0, y.shape[2], 30), rng.integers(0, y.shape[3], 30)], axis=1)
+    cols = patches(replay, "x", Sample(image, coords), geometry, np.arange(4), y.shape[2:])
+    for g in range(2):
+        got = cols[:, 2 * g:2 * g + 2].reshape(30, -1) @ w[3 * g:3 * g + 3].reshape(3, -1).T + bias[3 * g:3 * g + 3]
+        want = y[image, 3 * g:3 * g + 3][np.arange(30), :, coords[:, 0], coords[:, 1]]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_replay_in_segments_matches_a_full_run():
+    """Stopping at every node, with a Shape -> Reshape chain crossing segments, changes nothing."""
+    b = GraphBuilder(seed=7)
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.relu(b.conv(x, 5, name="c1"))
+    shape = b.op("Shape", [h], name="shape")
+    flat = b.op("Reshape", [b.conv(h, 4, name="c2"), b.op("Concat", [b.op("Slice", [shape, b.ints([0]), b.ints([1])]),
+                                                                       b.ints([-1])], axis=0)], name="flat")
+    model = b.build([b.gemm(flat, 3, name="fc")], check=False)
+    feeds = {"x": np.random.default_rng(0).standard_normal((7, 3, 6, 6)).astype(np.float32)}
+    replay = Replay(model, feeds, chunk=3)
+    for node in model.graph.node:
+        replay.run_to(node.name, through=True)
+    np.testing.assert_allclose(replay.tensor("fc"), run_model(model, feeds, 7)[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- the API and the command line -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    b = GraphBuilder(seed=11)
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.relu(b.conv(x, 8, name="c1"))
+    h = b.relu(b.conv(h, 8, name="c2"))
+    return b.build([b.gemm(b.flatten(b.global_average_pool(h)), 4, name="fc")])
+
+
+@pytest.mark.parametrize("method", ["lsq", "stats", "bias"])
+def test_report_records_the_method(small_model, method):
+    calib = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    _, report = prune(small_model, ratio=0.25, recover=method, calib=None if method == "bias" else calib,
+                      allocate=False, validate=False)
+    data = report.to_dict()["recovery"]
+    assert data["method"] == method
+    assert set(data) >= {"settings", "seconds", "fidelity_before", "fidelity_after", "layers"}
+    assert data["fidelity_after"], "fidelity is measured before and after"
+    assert f"recovery {method}" in report.summary()
+
+
+def test_auto_picks_lsq_with_calibration_and_nothing_without(small_model):
+    calib = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    _, with_data = prune(small_model, ratio=0.25, calib=calib, allocate=False, validate=False)
+    _, without = prune(small_model, ratio=0.25, validate=False)
+    assert with_data.recovery["method"] == "lsq" and without.recovery is None
+
+
+@pytest.mark.parametrize("calib, message", [
+    (np.zeros((4, 3, 5, 5), np.float32), "shape 4x3x5x5"),
+    (np.zeros((4, 3, 8), np.float32), "shape 4x3x8"),
+    (np.zeros((4, 3, 8, 8), np.int64), "dtype int64"),
+    ({"other": np.zeros((4, 3, 8, 8), np.float32)}, "no array for model input 'x'"),
+])
+def test_wrong_calibration_data_is_a_user_error(small_model, calib, message):
+    with pytest.raises(UserInputError, match=message):
+        prune(small_model, ratio=0.25, calib=calib, validate=False)
+
+
+def test_calibration_methods_need_data(small_model):
+    for method in ("lsq", "stats"):
+        with pytest.raises(UserInputError, match="needs calibration data"):
+            prune(small_model, ratio=0.25, recover=method, validate=False)
+    with pytest.raises(UserInputError, match="--allocate needs calibration data"):
+        prune(small_model, ratio=0.25, allocate=True, validate=False)
+
+
+def test_cli_recovers_from_an_npy_and_reports_it(small_model, tmp_path):
+    source, calib = tmp_path / "m.onnx", tmp_path / "calib.npy"
+    onnx.save(small_model, source)
+    np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    result = CliRunner().invoke(main, ["prune", str(source), "-r", "0.25", "--calib", str(calib), "--no-allocate",
+                                       "--recover-samples", "500", "-o", str(tmp_path / "out.onnx"),
+                                       "--report", str(tmp_path / "r.json"), "--no-validate"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["recovery"]["method"] == "lsq" and report["recovery"]["settings"]["samples"] == 500
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_cli_rejects_a_calibration_file_of_the_wrong_shape(small_model, tmp_path):
+    source, calib = tmp_path / "m.onnx", tmp_path / "calib.npy"
+    onnx.save(small_model, source)
+    np.save(calib, np.zeros((4, 3, 6, 6), np.float32))
+    result = CliRunner().invoke(main, ["prune", str(source), "--calib", str(calib)])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+
+
+# ---- consumer-aware criterion and allocation ---------------------------------------------------
+
+def test_whc_plus_removes_filters_the_consumer_barely_reads():
+    b = GraphBuilder(seed=13)
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.relu(b.conv(x, 8, name="c1"))
+    model = b.build([b.conv(h, 4, name="c2")])
+    w2 = _get(model, "c2.weight").copy()
+    w2[:, 0] *= 1e-3  # c2 hardly reads channel 0 of c1, however strong its filter
+    _set(model, "c2.weight", w2)
+    w1 = _get(model, "c1.weight").copy()
+    w1[0] *= 10
+    _set(model, "c1.weight", w1)
+    loaded = load(model)
+    analysis = analyze_channels(loaded)
+    plain = select(analysis, {0: 0.125}, "whc")
+    aware = select(analysis, {0: 0.125}, "whc", importance=consumer_aware_importance(analysis, loaded.graph, "whc+"))
+    assert 0 not in plain.decisions[0].removed.tolist()
+    assert aware.decisions[0].removed.tolist() == [0]
+
+
+def test_allocation_meets_the_budget_and_spares_the_sensitive_group():
+    b = GraphBuilder(seed=17)
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.relu(b.conv(x, 8, name="a"))
+    model = b.build([b.conv(b.relu(b.conv(a, 8, name="b")), 4, name="c")])
+    w, bias = _get(model, "b.weight").copy(), _get(model, "b.bias").copy()
+    w[4:], bias[4:] = 0.0, 0.0  # half of b's channels are dead: removing them costs nothing
+    _set(model, "b.weight", w)
+    _set(model, "b.bias", bias)
+    loaded = load(model)
+    analysis = analyze_channels(loaded)
+    calib = {"x": np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    before = model_cost(loaded.graph, loaded.shapes).macs
+    plan, allocation = allocated_plan(loaded, analysis, calib, None, 0.8,
+                                      dict(criterion="whc", round_to=1, exclude=(), seed=0))
+    ratios = {d.group.producers[0][0].node.name: len(d.removed) / d.group.channels for d in plan.decisions}
+    assert ratios["b"] > ratios["a"]
+    apply_plan(loaded, analysis, plan)
+    after = model_cost(loaded.graph, infer_static_shapes(loaded.graph, loaded.input_shapes)).macs
+    assert after <= 0.8 * before and allocation.macs_kept == pytest.approx(after / before, abs=1e-6)
