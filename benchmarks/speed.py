@@ -126,8 +126,8 @@ def accuracy_rows(args) -> list[dict]:
     from .datasets import accuracy, load_split
 
     rows = []
-    for model, dataset in ACCURACY_MODELS.items():
-        path = shared_model(model)
+    for model in args.accuracy_models:
+        path, dataset = shared_model(model), ACCURACY_MODELS[model]
         x, y = load_split(dataset, "eval", args.limit if dataset == "cifar10" else None)
         extra = {"recover": args.recover, "allocate": False}
         if args.recover != "none":
@@ -224,6 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--limit", type=int, default=2000, help="CIFAR eval images for the accuracy check")
     parser.add_argument("--accuracy-ratios", type=lambda s: parse_list(s, float), default=[0.4])
+    parser.add_argument("--accuracy-models", type=lambda s: parse_list(s, str), default=list(ACCURACY_MODELS))
     parser.add_argument("--recover", default="lsq", help="recovery for the accuracy check (raw accuracy at 0.4 "
                         "is near chance whatever the round_to)")
     parser.add_argument("--calib", type=int, default=256, help="calibration images for the recovery")

@@ -4,7 +4,8 @@ Every prunable group is pruned alone at a few ratios and the damage is measured 
 samples: 1 - cosine similarity of the outputs to the original's. Probes need no surgery: a masked
 copy of the model multiplies every consumer's input by per-channel masks fed at run time, so one
 ONNX Runtime session serves them all (a pruned model equals the original with the removed
-channels' readers zeroed). A greedy search then raises, one step at a time, the ratio of the group
+channels' readers zeroed; here they read the channel's calibration mean instead, what recovery
+restores first). A greedy search then raises, one step at a time, the ratio of the group
 that adds the least damage per MAC saved, until the model keeps at most the budget: sensitive
 groups (a ResNet's shared trunk) stay whole or lose little, robust ones lose more.
 """
@@ -23,13 +24,14 @@ from .equivalence import export
 from .errors import UserInputError
 from .load import LoadedModel
 from .ops import consumer_weight_axis
-from .recovery.replay import run_model, session
+from .recovery.replay import session
 from .select import PrunePlan, excluded_by, select
 from .validate import cosine
 
 PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0
 STEP = 0.05  # granularity of the allocated ratios
 _MASK = "allocate_mask::"
+_OFFSET = "allocate_offset::"
 
 
 @dataclass
@@ -45,11 +47,18 @@ class Allocation:
 
 
 class MaskedModel:
-    """The original model with a run-time channel mask in front of every consumer input."""
+    """The original model with run-time channel masks in front of every consumer input.
+
+    A removed channel is replaced by its calibration mean rather than zero: the cheapest
+    recovery (every method here restores at least the mean), so a channel that is nearly
+    constant, e.g. a filter of zero weights whose folded BatchNorm bias is large, costs
+    nothing, as it will after recovery.
+    """
 
     def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray], chunk: int):
         graph = loaded.graph.copy()
         self.analysis, self.feeds, self.chunk = analysis, feeds, chunk
+        self.outputs = [t.name for t in graph.outputs]
         self.masked: dict[str, tuple[int, ...]] = {}
         masks: dict[str, gs.Variable] = {}
         for node in list(graph.nodes):
@@ -60,30 +69,39 @@ class MaskedModel:
                 rank = len(loaded.shapes[x.name])
                 shape = (1, len(analysis.maps[x.name])) + (1,) * (rank - 2)
                 mask = gs.Variable(_MASK + x.name, dtype=np.float32, shape=list(shape))
+                offset = gs.Variable(_OFFSET + x.name, dtype=np.float32, shape=list(shape))
                 product = gs.Variable(f"{x.name}::masked", dtype=x.dtype)
+                shifted = gs.Variable(f"{x.name}::shifted", dtype=x.dtype)
                 graph.nodes.append(gs.Node("Mul", f"{x.name}::mask", inputs=[x, mask], outputs=[product]))
-                graph.inputs.append(mask)
-                masks[x.name] = product
+                graph.nodes.append(gs.Node("Add", f"{x.name}::offset", inputs=[product, offset], outputs=[shifted]))
+                graph.inputs += [mask, offset]
+                graph.outputs.append(x)
+                masks[x.name] = shifted
                 self.masked[x.name] = shape
             node.inputs[0] = masks[x.name]
         graph.toposort()
         self.session = session(export(graph, loaded))
-        self.reference = self.run(np.zeros(0, np.int64))
+        self.means = {name: np.zeros(shape, np.float32) for name, shape in self.masked.items()}
+        everything = self._run(np.zeros(0, np.int64), None)
+        self.reference = everything[:len(self.outputs)]
+        for name, values in zip(self.masked, everything[len(self.outputs):]):
+            axes = (0,) + tuple(range(2, values.ndim))
+            self.means[name] = values.mean(axis=axes).reshape(self.masked[name]).astype(np.float32)
 
-    def run(self, removed_roots: np.ndarray) -> list[np.ndarray]:
-        masks = {}
+    def _run(self, removed_roots: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+        inputs = {}
         for name, shape in self.masked.items():
-            keep = self.analysis.keep_mask(name, removed_roots)
-            masks[_MASK + name] = keep.astype(np.float32).reshape(shape)
+            keep = self.analysis.keep_mask(name, removed_roots).astype(np.float32).reshape(shape)
+            inputs[_MASK + name], inputs[_OFFSET + name] = keep, (1.0 - keep) * self.means[name]
         count = len(next(iter(self.feeds.values())))
         parts = []
         for lo in range(0, count, self.chunk):
             feeds = {k: v[lo:lo + self.chunk] for k, v in self.feeds.items()}
-            parts.append(self.session.run(None, {**feeds, **masks}))
+            parts.append(self.session.run(names, {**feeds, **inputs}))
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
     def damage(self, removed_roots: np.ndarray) -> float:
-        outputs = self.run(removed_roots)
+        outputs = self._run(removed_roots, self.outputs)
         return float(np.mean([1.0 - cosine(a, b) for a, b in zip(self.reference, outputs)]))
 
 

@@ -14,7 +14,7 @@ import click
 from . import __version__
 from .api import analyze as analyze_model
 from .api import prune as prune_model
-from .api import check_writable, copy_unchanged, external_data_files, same_file, save
+from .api import DEFAULT_ROUND_TO, check_writable, copy_unchanged, external_data_files, same_file, save
 from .bench import compare, parse_batches
 from .calibration import Preprocess
 from .criteria import CRITERIA
@@ -125,7 +125,8 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--criterion", "-c", type=click.Choice(list(CRITERIA) + list(CONSUMER_AWARE)), default="whc",
               show_default=True, help="Filter score; whc+ weighs WHC by the norm of the consumers' weights.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts become multiples of this.")
+@click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True,
+              help="Kept channel counts become multiples of this (1: exactly the ratio; see benchmarks/results/speed.md).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the full JSON report here.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime checks and latency measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")

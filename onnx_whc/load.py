@@ -7,6 +7,7 @@ every node a unique name, and infers static shapes with a batch of one.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -235,6 +236,18 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the parsed protobuf back to the system (glibc keeps it otherwise).
+
+    Loading peaks at the protobuf plus its numpy copy; later large allocations (export, saving)
+    cannot reuse those freed heap pages, so without this they would stack on top of them.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _materialize(graph: gs.Graph) -> None:

@@ -38,7 +38,8 @@ from .recovery.stats import renormalise
 from .validate import cosine
 
 METHODS = ("auto", "none", "bias", "stats", "lsq")
-_CHUNK_BYTES = 8 << 20  # activation bytes per ONNX Runtime run (per tensor)
+_CHUNK_BYTES = 128 << 20  # activation bytes per ONNX Runtime run (per tensor)
+_MAX_CHUNK = 256  # samples per run: larger batches only cost memory
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _chunk(original: onnx.ModelProto, shapes: dict | None) -> int:
     sizes = [int(np.prod(s[1:])) for s in (shapes or {}).values()
              if s and all(isinstance(d, int) and d > 0 for d in s)]
     largest = 4 * max(sizes, default=1 << 20)
-    return int(np.clip(_CHUNK_BYTES // largest, 1, 1024))
+    return int(np.clip(_CHUNK_BYTES // largest, 1, _MAX_CHUNK))
 
 
 def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, chunk: int) -> dict[str, float]:
@@ -134,6 +135,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[
     method = resolve_method(settings.method, calib is not None)
     if method == "none":
         return pruned, None
+    if settings.samples < 1 or settings.ridge < 0 or settings.holdout < 0:
+        raise UserInputError("recovery needs samples >= 1, ridge >= 0 and holdout >= 0")
     start = time.perf_counter()
     chunk = _chunk(original, shapes)
     if calib is not None:
@@ -177,8 +180,11 @@ def ridge_fit_with(ridge: float):
     return lambda moments, current: ridge_fit(moments, current, ridge)
 
 
+def _worst(fidelity: dict[str, float]) -> float:
+    return min(fidelity.values()) if fidelity else float("nan")
+
+
 def _summary(report: dict) -> str:
-    worst = lambda d: min(d.values()) if d else float("nan")  # noqa: E731
     return (f"{report['layers']} layers, {report['calibration_samples']} calibration samples, "
-            f"fidelity {worst(report['fidelity_before']):.4f} -> {worst(report['fidelity_after']):.4f} "
+            f"fidelity {_worst(report['fidelity_before']):.4f} -> {_worst(report['fidelity_after']):.4f} "
             f"on {report['fidelity_on']}, {report['seconds']:.1f} s")

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .dependency import ChannelAnalysis, pad_amounts, resize_channel_position, slice_params, split_sizes
-from .load import LoadedModel
+from .load import LoadedModel, return_freed_memory
 from .ops import consumer_weight_axis, node_rule, normalize_axis, param_channel_axis, rule_for
 from .select import PrunePlan
 
@@ -221,4 +221,5 @@ def apply_plan(loaded: LoadedModel, analysis: ChannelAnalysis, plan: PrunePlan) 
             tensor.shape = None  # stale channel counts; ONNX Runtime infers them again
     graph.cleanup().toposort()
     gc.collect()  # replaced weights sit in reference cycles (gs tensors <-> their node lists)
+    return_freed_memory()
     return graph

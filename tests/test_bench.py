@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -177,14 +176,19 @@ def test_cli_ratio_and_target_macs_are_exclusive(tmp_path):
 
 def test_cli_target_macs_writes_a_model_within_budget(tmp_path):
     out = tmp_path / "r20.onnx"
-    result = CliRunner().invoke(main, ["prune", str(RESNET20), "--target-macs", "0.5", "--no-validate",
-                                       "-o", str(out)])
+    result = CliRunner().invoke(main, ["prune", str(RESNET20), "--target-macs", "0.5", "--round-to", "1",
+                                       "--no-validate", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "target MACs 50.0%" in result.output
     original, pruned = load(RESNET20), load(out)
     kept = model_cost(pruned.graph, pruned.shapes).macs / model_cost(original.graph, original.shapes).macs
-    assert kept <= 0.5
-    assert np.isfinite(kept) and kept > 0.3
+    _, report = api.prune(RESNET20, target_macs=0.5, round_to=1, validate=False)
+    assert kept == pytest.approx(report.macs_kept) and kept <= 0.5
+
+
+def test_target_macs_with_the_default_rounding_still_meets_the_budget():
+    _, report = api.prune(RESNET20, target_macs=0.5, validate=False)
+    assert report.round_to == api.DEFAULT_ROUND_TO and report.macs_kept <= 0.5
 
 
 def test_cli_bench_unavailable_provider_is_a_usage_error(pair):

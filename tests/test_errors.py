@@ -446,7 +446,7 @@ def test_failed_validation_keeps_existing_output(tmp_path, model_path, monkeypat
         raise ValidationError("output 'gemm_9' changed shape: (2, 4) -> (2, 3)")
 
     monkeypatch.setattr(onnx_whc.api, "validate_models", failing)
-    line = error_line(cli("prune", model_path, "-o", out), 1)
+    line = error_line(cli("prune", model_path, "--round-to", "1", "-o", out), 1)
     assert line == "error: output 'gemm_9' changed shape: (2, 4) -> (2, 3)"
     assert digest(out) == before and leftovers(tmp_path) == []
 
@@ -456,7 +456,7 @@ def test_failed_validation_writes_nothing(tmp_path, model_path, monkeypatch):
         raise ValidationError("the pruned model does not run: broken")
 
     monkeypatch.setattr(onnx_whc.api, "validate_models", failing)
-    error_line(cli("prune", model_path, "-o", tmp_path / "new.onnx"), 1)
+    error_line(cli("prune", model_path, "--round-to", "1", "-o", tmp_path / "new.onnx"), 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
@@ -465,7 +465,7 @@ def test_validation_comes_before_saving(tmp_path, model_path, monkeypatch):
     validate, save = onnx_whc.api.validate_models, onnx_whc.api.save
     monkeypatch.setattr(onnx_whc.api, "validate_models", lambda *a, **k: calls.append("validate") or validate(*a, **k))
     monkeypatch.setattr("onnx_whc.cli.save", lambda *a, **k: calls.append("save") or save(*a, **k))
-    assert cli("prune", model_path, "-o", tmp_path / "out.onnx").exit_code == 0
+    assert cli("prune", model_path, "--round-to", "1", "-o", tmp_path / "out.onnx").exit_code == 0
     assert calls == ["validate", "save"]
 
 
@@ -478,7 +478,7 @@ def test_interrupted_save_keeps_existing_output(tmp_path, model_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(onnx, "save", interrupted)
-    result = cli("prune", model_path, "-o", out, "--no-validate")
+    result = cli("prune", model_path, "--round-to", "1", "-o", out, "--no-validate")
     monkeypatch.setattr(onnx, "save", real_save)
     assert result.exit_code == 130 and "interrupted: nothing was written" in result.stderr
     assert digest(out) == before and leftovers(tmp_path) == []

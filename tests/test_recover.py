@@ -225,7 +225,7 @@ def small_model():
 @pytest.mark.parametrize("method", ["lsq", "stats", "bias"])
 def test_report_records_the_method(small_model, method):
     calib = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
-    _, report = prune(small_model, ratio=0.25, recover=method, calib=None if method == "bias" else calib,
+    _, report = prune(small_model, ratio=0.25, round_to=1, recover=method, calib=None if method == "bias" else calib,
                       allocate=False, validate=False)
     data = report.to_dict()["recovery"]
     assert data["method"] == method
@@ -236,8 +236,8 @@ def test_report_records_the_method(small_model, method):
 
 def test_auto_picks_lsq_with_calibration_and_nothing_without(small_model):
     calib = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
-    _, with_data = prune(small_model, ratio=0.25, calib=calib, allocate=False, validate=False)
-    _, without = prune(small_model, ratio=0.25, validate=False)
+    _, with_data = prune(small_model, ratio=0.25, round_to=1, calib=calib, allocate=False, validate=False)
+    _, without = prune(small_model, ratio=0.25, round_to=1, validate=False)
     assert with_data.recovery["method"] == "lsq" and without.recovery is None
 
 
@@ -264,7 +264,8 @@ def test_cli_recovers_from_an_npy_and_reports_it(small_model, tmp_path):
     source, calib = tmp_path / "m.onnx", tmp_path / "calib.npy"
     onnx.save(small_model, source)
     np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
-    result = CliRunner().invoke(main, ["prune", str(source), "-r", "0.25", "--calib", str(calib), "--no-allocate",
+    result = CliRunner().invoke(main, ["prune", str(source), "-r", "0.25", "--round-to", "1", "--calib", str(calib),
+                                       "--no-allocate",
                                        "--recover-samples", "500", "-o", str(tmp_path / "out.onnx"),
                                        "--report", str(tmp_path / "r.json"), "--no-validate"])
     assert result.exit_code == 0, result.output

@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from .layers import Layer, read_affine, write_affine
+from .layers import Layer, attribute, read_affine, write_affine
 from .replay import Weights
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -67,13 +67,6 @@ def clipped(stats: Stats, low: float, high: float) -> Stats:
     return Stats(np.where(certain, exact, mean), np.where(certain, 0.0, second - mean * mean))
 
 
-def _attr(node, name, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
 class _Propagation:
     def __init__(self, model: onnx.ModelProto):
         self.weights = {t.name: t for t in model.graph.initializer}
@@ -110,7 +103,7 @@ def _conv(p: _Propagation, node) -> Stats | None:
     w, x = p.const(node.input[1]), p.stats[node.input[0]]
     if w is None:
         return None
-    group = int(_attr(node, "group", 1))
+    group = int(attribute(node, "group", 1))
     c_out, per_group = w.shape[0], w.shape[1]
     sums, squares = w.reshape(c_out, per_group, -1).sum(axis=2), (w.reshape(c_out, per_group, -1) ** 2).sum(axis=2)
     mean_in = x.mean.reshape(group, per_group)
@@ -124,13 +117,13 @@ def _conv(p: _Propagation, node) -> Stats | None:
 
 def _gemm(p: _Propagation, node) -> Stats | None:
     w, x = p.const(node.input[1]), p.stats[node.input[0]]
-    if w is None or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+    if w is None or (node.op_type == "Gemm" and attribute(node, "transA", 0)):
         return None
-    matrix = w.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
-    alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+    matrix = w.T if node.op_type == "Gemm" and attribute(node, "transB", 0) else w
+    alpha = float(attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
     mean, var = alpha * (x.mean @ matrix), alpha * alpha * (x.var @ matrix ** 2)
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in p.weights:
-        mean = mean + float(_attr(node, "beta", 1.0)) * p.const(node.input[2]).reshape(-1)
+        mean = mean + float(attribute(node, "beta", 1.0)) * p.const(node.input[2]).reshape(-1)
     return Stats(mean, var)
 
 
@@ -147,7 +140,7 @@ def _clip(p: _Propagation, node) -> Stats:
         low = float(p.const(node.input[1])) if node.input[1] else low
         high = float(p.const(node.input[2])) if len(node.input) > 2 and node.input[2] else high
     else:
-        low, high = float(_attr(node, "min", -np.inf)), float(_attr(node, "max", np.inf))
+        low, high = float(attribute(node, "min", -np.inf)), float(attribute(node, "max", np.inf))
     return clipped(p.stats[node.input[0]], low, high)
 
 
@@ -165,7 +158,7 @@ def _add(p: _Propagation, node) -> Stats | None:
 def _pad(p: _Propagation, node) -> Stats | None:
     x = p.stats[node.input[0]]
     rank = p.ranks.get(node.input[0], 4)
-    pads = _attr(node, "pads")
+    pads = attribute(node, "pads")
     if pads is None:
         values = p.const(node.input[1]) if len(node.input) > 1 else None
         if values is None or (len(node.input) > 3 and node.input[3]):
@@ -193,12 +186,12 @@ def _slice(p: _Propagation, node) -> Stats | None:
 def _flatten(p: _Propagation, node) -> Stats | None:
     """Only a global pool's N x C x 1 x 1 output flattens channel for channel, which is all we need."""
     x = p.stats[node.input[0]]
-    return x if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) == 1 else None
+    return x if node.op_type == "Flatten" and int(attribute(node, "axis", 1)) == 1 else None
 
 
 def _concat(p: _Propagation, node) -> Stats | None:
     parts = [p.stats.get(name) for name in node.input]
-    if int(_attr(node, "axis", 0)) != 1 or any(part is None for part in parts):
+    if int(attribute(node, "axis", 0)) != 1 or any(part is None for part in parts):
         return None
     return Stats(np.concatenate([part.mean for part in parts]), np.concatenate([part.var for part in parts]))
 

@@ -31,7 +31,7 @@ class FitSettings:
     residual: bool = True  # targets include the residual branch's drift (fit the Add's output)
     seed: int = 0
     block_elements: int = 24_000_000  # patch values gathered at once (float32)
-    ahead_bytes: int = 512 << 20  # original-model outputs held while the pruned model catches up
+    ahead_bytes: int = 256 << 20  # original-model outputs held while the pruned model catches up
 
 
 def _ahead(layers: list[Layer], start: int, sizes: dict[str, int], samples: int, budget: int) -> int:

@@ -46,7 +46,7 @@ class Affine:
         return y if self.bias is None else y + self.bias[:, None, :]
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:
             return helper.get_attribute_value(attr)
@@ -98,27 +98,33 @@ class ConvGeometry:
     strides: tuple[int, ...]
     dilations: tuple[int, ...]
     begin: tuple[int, ...]  # padding before each spatial axis
+    end: tuple[int, ...]  # and after it
     group: int
 
     @classmethod
     def of(cls, node: onnx.NodeProto, weight_shape: tuple, in_spatial: tuple[int, ...]) -> "ConvGeometry":
         kernel = tuple(int(k) for k in weight_shape[2:])
         n = len(kernel)
-        strides = tuple(_attr(node, "strides", [1] * n))
-        dilations = tuple(_attr(node, "dilations", [1] * n))
-        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        strides = tuple(attribute(node, "strides", [1] * n))
+        dilations = tuple(attribute(node, "dilations", [1] * n))
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            begin = []
+            begin, end = [], []
             for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
-                out = -(-size // s)
-                total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+                total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
                 begin.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+                end.append(total - begin[-1])
         elif auto_pad == "VALID":
-            begin = [0] * n
+            begin = end = [0] * n
         else:
-            begin = list(_attr(node, "pads", [0] * 2 * n))[:n]
-        return cls(kernel, strides, dilations, tuple(begin), int(_attr(node, "group", 1)))
+            pads = list(attribute(node, "pads", [0] * 2 * n))
+            begin, end = pads[:n], pads[n:]
+        return cls(kernel, strides, dilations, tuple(begin), tuple(end), int(attribute(node, "group", 1)))
+
+    def output_size(self, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple((size + b + e - d * (k - 1) - 1) // s + 1 for size, b, e, d, k, s in
+                     zip(in_spatial, self.begin, self.end, self.dilations, self.kernel, self.strides))
 
 
 # ---- sampled positions and patches -----------------------------------------------------------
@@ -207,15 +213,15 @@ def read_affine(replay: Weights, layer: Layer) -> Affine:
     w = replay.weight(node.input[1]).astype(np.float64)
     has_bias = len(node.input) > 2 and node.input[2] in replay.weights
     if layer.op == "Conv":
-        group = int(_attr(node, "group", 1))
+        group = int(attribute(node, "group", 1))
         c_out = w.shape[0]
         weights = w.reshape(group, c_out // group, -1).transpose(0, 2, 1)
         bias = replay.weight(node.input[2]).astype(np.float64) if has_bias else np.zeros(c_out)
         return Affine(weights, bias.reshape(group, -1))
     if layer.op == "MatMul":
         return Affine(w[None], None)
-    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-    matrix = alpha * (w.T if _attr(node, "transB", 0) else w)
+    alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
+    matrix = alpha * (w.T if attribute(node, "transB", 0) else w)
     bias = np.zeros(matrix.shape[1])
     if has_bias:
         bias = bias + beta * replay.weight(node.input[2]).astype(np.float64).reshape(-1)
@@ -234,9 +240,9 @@ def write_affine(replay: Weights, layer: Layer, affine: Affine) -> None:
     if layer.op == "MatMul":
         replay.set_input(layer.node, 1, affine.weights[0], dtype)
         return
-    alpha = float(_attr(node, "alpha", 1.0))
+    alpha = float(attribute(node, "alpha", 1.0))
     matrix = affine.weights[0] / alpha
-    replay.set_input(layer.node, 1, matrix.T if _attr(node, "transB", 0) else matrix, dtype)
+    replay.set_input(layer.node, 1, matrix.T if attribute(node, "transB", 0) else matrix, dtype)
     replay.set_input(layer.node, 2, affine.bias[0], dtype)
     for attr in list(node.attribute):
         if attr.name == "beta":
@@ -254,15 +260,4 @@ def geometry_of(replay: Replay, layer: Layer) -> ConvGeometry | None:
 
 def out_spatial(replay: Replay, layer: Layer, geometry: ConvGeometry | None) -> tuple[int, ...]:
     """Output spatial size, from the cached input so no extra run is needed."""
-    if geometry is None:
-        return ()
-    size = replay.chunks(layer.input)[0].shape[2:]
-    node = node_of(replay, layer)
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return tuple(-(-s // st) for s, st in zip(size, geometry.strides))
-    pads = list(_attr(node, "pads", [0] * 2 * len(size))) if auto_pad != "VALID" else [0] * 2 * len(size)
-    n = len(size)
-    return tuple((s + pads[j] + pads[j + n] - geometry.dilations[j] * (k - 1) - 1) // geometry.strides[j] + 1
-                 for j, (s, k) in enumerate(zip(size, geometry.kernel)))
+    return () if geometry is None else geometry.output_size(replay.chunks(layer.input)[0].shape[2:])

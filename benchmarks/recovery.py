@@ -1,0 +1,168 @@
+"""Accuracy recovered without training: top-1 by model x MACs budget x criterion x allocation x recovery.
+
+Every cell is one `onnx_whc.prune(model, target_macs=..., criterion=..., allocate=..., recover=...,
+calib=<the calib split>)` in a fresh subprocess, so its time and peak memory (RSS high-water mark,
+taken before the eval images are loaded) are that prune's own; top-1 is on the whole `eval` split.
+Calibration images come from the `calib` split only. Writes benchmarks/results/recovery.md and
+recovery.json; cells already in the json are kept unless --fresh, so an interrupted run resumes.
+
+    python -m benchmarks.recovery                                     # the whole grid (about 2 h on 2 cores)
+    python -m benchmarks.recovery --models resnet20 --cells default,uniform-lsq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
+from .datasets import accuracy, load_split
+
+BUDGETS = {"resnet56": [0.61, 0.80], "resnet20": [0.61, 0.80], "efficientnet_lite0": [0.75]}
+DATASET = {"resnet56": "cifar10", "resnet20": "cifar10", "efficientnet_lite0": "imagenet"}
+BASELINES = {"resnet20": 0.8110, "resnet56": 0.8328, "efficientnet_lite0": 0.8820}  # ../shared/README.md
+# The tool's targets for its default behaviour (top-1 at MACs kept <= budget).
+TARGETS = {("resnet56", 0.61): 0.80, ("resnet56", 0.80): 0.83, ("resnet20", 0.61): 0.72,
+           ("efficientnet_lite0", 0.75): 0.82}
+# name -> (criterion, allocate, recover); "default" is what `--calib` alone gives.
+CELLS = {
+    "default": ("whc", True, "lsq"),
+    "whc+": ("whc+", True, "lsq"),
+    "uniform-none": ("whc", False, "none"),
+    "uniform-bias": ("whc", False, "bias"),
+    "uniform-stats": ("whc", False, "stats"),
+    "uniform-lsq": ("whc", False, "lsq"),
+    "uniform-whc+-none": ("whc+", False, "none"),
+    "uniform-whc+-lsq": ("whc+", False, "lsq"),
+    "l2": ("l2", True, "lsq"),
+    "fpgm": ("fpgm", True, "lsq"),
+    "random": ("random", True, "lsq"),
+    "uniform-l2-none": ("l2", False, "none"),
+    "uniform-l2-lsq": ("l2", False, "lsq"),
+    "uniform-fpgm-none": ("fpgm", False, "none"),
+    "uniform-fpgm-lsq": ("fpgm", False, "lsq"),
+    "uniform-random-none": ("random", False, "none"),
+    "uniform-random-lsq": ("random", False, "lsq"),
+}
+JSON = RESULTS / "recovery.json"
+
+
+def run_cell(model: str, budget: float, name: str, limit: int | None) -> dict:
+    """One prune and its evaluation (runs inside the subprocess)."""
+    import onnx_whc
+
+    criterion, allocate, recover = CELLS[name]
+    calib, _ = load_split(DATASET[model], "calib")
+    start = time.perf_counter()
+    pruned, report = onnx_whc.prune(shared_model(model), target_macs=budget, criterion=criterion, allocate=allocate,
+                                    recover=recover, calib=None if recover in ("none", "bias") and not allocate
+                                    else np.array(calib), validate=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB; before the eval images
+    inputs, labels = load_split(DATASET[model], "eval", limit)
+    recovery = report.recovery or {}
+    return {
+        "model": model, "budget": budget, "cell": name, "criterion": criterion, "allocate": allocate,
+        "recover": recover, "top1": accuracy(pruned.SerializeToString(), inputs, labels),
+        "eval_images": len(labels), "macs_kept": round(report.macs_kept, 4), "params_kept": round(report.params_kept, 4),
+        "uniform_ratio": report.ratio, "allocation": report.allocation and report.allocation["ratios"],
+        "select_seconds": report.seconds.get("selected"), "recover_seconds": report.seconds.get("recovered"),
+        "total_seconds": round(seconds, 2), "peak_rss_mib": round(peak),
+        "fidelity_before": recovery.get("fidelity_before"), "fidelity_after": recovery.get("fidelity_after"),
+        "calibration_samples": recovery.get("calibration_samples"),
+    }
+
+
+def _subprocess(model: str, budget: float, name: str, limit: int | None) -> dict:
+    command = [sys.executable, "-m", "benchmarks.recovery", "--one", json.dumps([model, budget, name, limit])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{model} {budget} {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
+def _fidelity(cell: dict) -> str:
+    before, after = cell.get("fidelity_before"), cell.get("fidelity_after")
+    if not after:
+        return ""
+    return f"{min(before.values()):.3f} → {min(after.values()):.3f}"
+
+
+def markdown(results: list[dict], env: dict, models: list[str]) -> str:
+    lines = ["# Recovering accuracy without training", "",
+             "Top-1 on the whole `eval` split of ../shared after `onnx_whc.prune(model, target_macs=B, ...)`; "
+             "calibration images (unlabelled use only) from the `calib` split: 1,000 CIFAR-10 images "
+             "(936 fitted, 64 held out for the fidelity figure), 500 ImageNet images (400 fitted, 100 held out). "
+             "*default* is what `--calib` alone gives: criterion whc, `--allocate` (per-group ratios from "
+             "calibration sensitivity under the budget), `--recover lsq`. *uniform* rows prune every group at the one "
+             "ratio that meets the budget (`--no-allocate`). Fidelity: cosine of the outputs to the original's on the "
+             "held-out calibration images, before → after recovery. Time and peak memory (RSS high-water mark of the "
+             "whole prune, calibration loading included) per cell, each in its own process.", "",
+             f"Machine: {environment_line(env)}. Other jobs shared the machine, so times are upper bounds.", ""]
+    lines += ["## Targets for the default behaviour", ""]
+    rows = []
+    for (model, budget), want in TARGETS.items():
+        cell = next((r for r in results if r["model"] == model and r["budget"] == budget and r["cell"] == "default"),
+                    None)
+        if cell is None or model not in models:
+            continue
+        met = "met" if cell["top1"] >= want and cell["macs_kept"] <= budget else "**missed**"
+        rows.append([model, f"≥{100 * (1 - budget):.0f}% fewer", _pct(1 - cell["macs_kept"]), _pct(want),
+                     _pct(cell["top1"]), met, f"{cell['recover_seconds']:.1f} s", f"{cell['peak_rss_mib']} MiB"])
+    lines += [markdown_table(["model", "budget", "MACs removed", "target top-1", "top-1", "", "recovery time",
+                              "peak memory"], rows), ""]
+    for model in models:
+        cells = [r for r in results if r["model"] == model]
+        if not cells:
+            continue
+        lines += [f"## {model} (unpruned {_pct(BASELINES[model])})", ""]
+        rows = []
+        for r in sorted(cells, key=lambda r: (r["budget"], list(CELLS).index(r["cell"]))):
+            how = "allocated" if r["allocate"] else f"uniform {r['uniform_ratio']:g}"
+            rows.append([f"{r['budget']:.2f}", f"{r['macs_kept']:.3f}", r["criterion"], how, r["recover"],
+                         _pct(r["top1"]), _fidelity(r), f"{r['select_seconds'] or 0:.1f}",
+                         f"{r['recover_seconds'] or 0:.1f}", f"{r['total_seconds']:.1f}", r["peak_rss_mib"]])
+        lines += [markdown_table(["budget (MACs kept ≤)", "MACs kept", "criterion", "ratios", "recovery", "top-1",
+                                  "fidelity", "select s", "recovery s", "total s", "peak MiB"], rows), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(BUDGETS))
+    parser.add_argument("--cells", default=",".join(CELLS), help=f"any of {', '.join(CELLS)}")
+    parser.add_argument("--limit", type=int, help="Evaluate on this many eval images (default: all).")
+    parser.add_argument("--fresh", action="store_true", help="Measure every cell again.")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_cell(*json.loads(args.one))))
+        return
+    models, names = args.models.split(","), args.cells.split(",")
+    env = environment()
+    results = [] if args.fresh or not JSON.exists() else json.loads(JSON.read_text())["cells"]
+    done = {(r["model"], r["budget"], r["cell"]) for r in results}
+    for model in models:
+        for budget in BUDGETS[model]:
+            for name in names:
+                if (model, budget, name) in done:
+                    continue
+                cell = _subprocess(model, budget, name, args.limit)
+                results.append(cell)
+                print(f"{model} {budget} {name}: top-1 {_pct(cell['top1'])} at {cell['macs_kept']:.3f} MACs, "
+                      f"{cell['total_seconds']:.0f} s, {cell['peak_rss_mib']} MiB", flush=True)
+                write_results("recovery", markdown(results, env, list(BUDGETS)), {"environment": env, "cells": results})
+
+
+if __name__ == "__main__":
+    main()
