@@ -74,7 +74,7 @@ def prune_cost(name: str, model: Path, folder: Path, ratio: float = 0.4) -> dict
     row = {"model": name, "ratio": ratio, "model_bytes": size, "output_bytes": model_bytes(output),
            "wall_seconds": result["wall_seconds"], "peak_rss_bytes": result["peak_rss_bytes"],
            "peak_over_model": round(result["peak_rss_bytes"] / size, 2),
-           "stages": json.loads(report.read_text())["seconds"]}
+           "round_to": json.loads(report.read_text())["round_to"], "stages": json.loads(report.read_text())["seconds"]}
     print(f"{name}: {size / 1e6:.1f} MB, ratio {ratio}: {row['wall_seconds']:.2f} s, peak "
           f"{row['peak_rss_bytes'] / 1e6:.0f} MB ({row['peak_over_model']}x the model)", flush=True)
     return row
@@ -174,7 +174,8 @@ def markdown(data: dict) -> str:
         f"Command: `{data['command']}`",
         "",
         "Each row is one `python -m onnx_whc.cli prune MODEL --ratio R --no-validate -o OUT --report R.json` in a "
-        "fresh process; wall time and peak RSS from `/usr/bin/time -v`, the stage times from the report. Wall time "
+        f"fresh process (default --round-to {data['reference'][0].get('round_to')}); wall time and peak RSS from "
+        "`/usr/bin/time -v`, the stage times from the report. Wall time "
         "includes starting Python and writing the output. Synthetic models are ResNet-50s widened or narrowed to the "
         "size (`benchmarks.synthetic.model_of_size`, 64x64 input).",
         "",

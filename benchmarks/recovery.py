@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from onnx_whc.api import DEFAULT_ROUND_TO
+
 from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, load_split
 
@@ -49,26 +51,37 @@ CELLS = {
     "uniform-fpgm-lsq": ("fpgm", False, "lsq"),
     "uniform-random-none": ("random", False, "none"),
     "uniform-random-lsq": ("random", False, "lsq"),
+    # CIFAR ResNets with the residual trunk kept whole (only the blocks' inner convs pruned), as in
+    # the Torch-Pruning comparison of the project's issue: --exclude the trunk's producers.
+    "inner-none": ("whc", False, "none", ("/conv1/*", "*conv2*")),
+    "inner-lsq": ("whc", False, "lsq", ("/conv1/*", "*conv2*")),
+    "inner-l2-none": ("l2", False, "none", ("/conv1/*", "*conv2*")),
+    "inner-fpgm-none": ("fpgm", False, "none", ("/conv1/*", "*conv2*")),
 }
+INNER = [name for name in CELLS if name.startswith("inner")]
+# The big model gets the cells that answer the questions; its peers' uniform rows add little.
+MODEL_CELLS = {"efficientnet_lite0": ["default", "whc+", "uniform-none", "uniform-bias", "uniform-stats", "uniform-lsq",
+                                      "uniform-whc+-lsq", "l2", "fpgm", "random"]}
 JSON = RESULTS / "recovery.json"
 
 
-def run_cell(model: str, budget: float, name: str, limit: int | None) -> dict:
+def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | None) -> dict:
     """One prune and its evaluation (runs inside the subprocess)."""
     import onnx_whc
 
-    criterion, allocate, recover = CELLS[name]
+    criterion, allocate, recover, *exclude = CELLS[name]
     calib, _ = load_split(DATASET[model], "calib")
     start = time.perf_counter()
     pruned, report = onnx_whc.prune(shared_model(model), target_macs=budget, criterion=criterion, allocate=allocate,
-                                    recover=recover, calib=None if recover in ("none", "bias") and not allocate
+                                    recover=recover, round_to=round_to, exclude=exclude[0] if exclude else (), calib=None if recover in ("none", "bias") and not allocate
                                     else np.array(calib), validate=False)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB; before the eval images
     inputs, labels = load_split(DATASET[model], "eval", limit)
     recovery = report.recovery or {}
     return {
-        "model": model, "budget": budget, "cell": name, "criterion": criterion, "allocate": allocate,
+        "model": model, "budget": budget, "cell": name, "round_to": round_to, "criterion": criterion,
+        "allocate": allocate, "trunk_kept": bool(exclude),
         "recover": recover, "top1": accuracy(pruned.SerializeToString(), inputs, labels),
         "eval_images": len(labels), "macs_kept": round(report.macs_kept, 4), "params_kept": round(report.params_kept, 4),
         "uniform_ratio": report.ratio, "allocation": report.allocation and report.allocation["ratios"],
@@ -79,8 +92,8 @@ def run_cell(model: str, budget: float, name: str, limit: int | None) -> dict:
     }
 
 
-def _subprocess(model: str, budget: float, name: str, limit: int | None) -> dict:
-    command = [sys.executable, "-m", "benchmarks.recovery", "--one", json.dumps([model, budget, name, limit])]
+def _subprocess(model: str, budget: float, name: str, round_to: int, limit: int | None) -> dict:
+    command = [sys.executable, "-m", "benchmarks.recovery", "--one", json.dumps([model, budget, name, round_to, limit])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{model} {budget} {name} failed:\n{done.stderr[-3000:]}")
@@ -104,7 +117,7 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
              "calibration images (unlabelled use only) from the `calib` split: 1,000 CIFAR-10 images "
              "(936 fitted, 64 held out for the fidelity figure), 500 ImageNet images (400 fitted, 100 held out). "
              "*default* is what `--calib` alone gives: criterion whc, `--allocate` (per-group ratios from "
-             "calibration sensitivity under the budget), `--recover lsq`. *uniform* rows prune every group at the one "
+             f"calibration sensitivity under the budget), `--recover lsq`, `--round-to {DEFAULT_ROUND_TO}`. *uniform* rows prune every group at the one "
              "ratio that meets the budget (`--no-allocate`). Fidelity: cosine of the outputs to the original's on the "
              "held-out calibration images, before → after recovery. Time and peak memory (RSS high-water mark of the "
              "whole prune, calibration loading included) per cell, each in its own process.", "",
@@ -112,8 +125,8 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
     lines += ["## Targets for the default behaviour", ""]
     rows = []
     for (model, budget), want in TARGETS.items():
-        cell = next((r for r in results if r["model"] == model and r["budget"] == budget and r["cell"] == "default"),
-                    None)
+        cell = next((r for r in results if r["model"] == model and r["budget"] == budget and r["cell"] == "default"
+                     and r["round_to"] == DEFAULT_ROUND_TO), None)
         if cell is None or model not in models:
             continue
         met = "met" if cell["top1"] >= want and cell["macs_kept"] <= budget else "**missed**"
@@ -127,12 +140,13 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
             continue
         lines += [f"## {model} (unpruned {_pct(BASELINES[model])})", ""]
         rows = []
-        for r in sorted(cells, key=lambda r: (r["budget"], list(CELLS).index(r["cell"]))):
+        for r in sorted(cells, key=lambda r: (-r["round_to"], r["budget"], list(CELLS).index(r["cell"]))):
             how = "allocated" if r["allocate"] else f"uniform {r['uniform_ratio']:g}"
-            rows.append([f"{r['budget']:.2f}", f"{r['macs_kept']:.3f}", r["criterion"], how, r["recover"],
+            how += ", trunk whole" if r.get("trunk_kept") else ""
+            rows.append([f"{r['budget']:.2f}", r["round_to"], f"{r['macs_kept']:.3f}", r["criterion"], how, r["recover"],
                          _pct(r["top1"]), _fidelity(r), f"{r['select_seconds'] or 0:.1f}",
                          f"{r['recover_seconds'] or 0:.1f}", f"{r['total_seconds']:.1f}", r["peak_rss_mib"]])
-        lines += [markdown_table(["budget (MACs kept ≤)", "MACs kept", "criterion", "ratios", "recovery", "top-1",
+        lines += [markdown_table(["budget (MACs kept ≤)", "round-to", "MACs kept", "criterion", "ratios", "recovery", "top-1",
                                   "fidelity", "select s", "recovery s", "total s", "peak MiB"], rows), ""]
     return "\n".join(lines)
 
@@ -140,8 +154,10 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BUDGETS))
-    parser.add_argument("--cells", default=",".join(CELLS), help=f"any of {', '.join(CELLS)}")
+    parser.add_argument("--cells", default=",".join(c for c in CELLS if c not in INNER),
+                        help=f"any of {', '.join(CELLS)}")
     parser.add_argument("--limit", type=int, help="Evaluate on this many eval images (default: all).")
+    parser.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="As onnx-whc prune (default: its default).")
     parser.add_argument("--fresh", action="store_true", help="Measure every cell again.")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,13 +167,13 @@ def main() -> None:
     models, names = args.models.split(","), args.cells.split(",")
     env = environment()
     results = [] if args.fresh or not JSON.exists() else json.loads(JSON.read_text())["cells"]
-    done = {(r["model"], r["budget"], r["cell"]) for r in results}
+    done = {(r["model"], r["budget"], r["cell"], r["round_to"]) for r in results}
     for model in models:
         for budget in BUDGETS[model]:
             for name in names:
-                if (model, budget, name) in done:
+                if (model, budget, name, args.round_to) in done or name not in MODEL_CELLS.get(model, names):
                     continue
-                cell = _subprocess(model, budget, name, args.limit)
+                cell = _subprocess(model, budget, name, args.round_to, args.limit)
                 results.append(cell)
                 print(f"{model} {budget} {name}: top-1 {_pct(cell['top1'])} at {cell['macs_kept']:.3f} MACs, "
                       f"{cell['total_seconds']:.0f} s, {cell['peak_rss_mib']} MiB", flush=True)

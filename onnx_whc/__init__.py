@@ -2,6 +2,7 @@
 
     >>> import onnx_whc
     >>> pruned, report = onnx_whc.prune("model.onnx", ratio=0.4)
+    >>> pruned, report = onnx_whc.prune("model.onnx", target_macs=0.6, calib="calib_images/")  # + recovery
     >>> onnx_whc.save(pruned, "small.onnx")
 """
 

@@ -24,12 +24,14 @@ from .equivalence import export
 from .errors import UserInputError
 from .load import LoadedModel
 from .ops import consumer_weight_axis
-from .recovery.replay import session
+from .recovery.replay import cast_to_inputs, samples_per_run, session
 from .select import PrunePlan, excluded_by, select
 from .validate import cosine
 
 PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0
 STEP = 0.05  # granularity of the allocated ratios
+PROBE_MACS = 2e12  # multiply-accumulates all probes may spend (about 15 s on 2 cores)
+MIN_SAMPLES, MAX_SAMPLES = 32, 256  # calibration images per probe
 _MASK = "allocate_mask::"
 _OFFSET = "allocate_offset::"
 
@@ -55,9 +57,11 @@ class MaskedModel:
     nothing, as it will after recovery.
     """
 
-    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray], chunk: int):
+    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray]):
         graph = loaded.graph.copy()
-        self.analysis, self.feeds, self.chunk = analysis, feeds, chunk
+        self.analysis = analysis
+        floats = [t.dtype for t in graph.inputs if t.dtype is not None and np.issubdtype(t.dtype, np.floating)]
+        self.dtype = np.dtype(floats[0] if floats else np.float32)  # masks in the model's float type
         self.outputs = [t.name for t in graph.outputs]
         self.masked: dict[str, tuple[int, ...]] = {}
         masks: dict[str, gs.Variable] = {}
@@ -68,8 +72,8 @@ class MaskedModel:
             if x.name not in masks:
                 rank = len(loaded.shapes[x.name])
                 shape = (1, len(analysis.maps[x.name])) + (1,) * (rank - 2)
-                mask = gs.Variable(_MASK + x.name, dtype=np.float32, shape=list(shape))
-                offset = gs.Variable(_OFFSET + x.name, dtype=np.float32, shape=list(shape))
+                mask = gs.Variable(_MASK + x.name, dtype=self.dtype, shape=list(shape))
+                offset = gs.Variable(_OFFSET + x.name, dtype=self.dtype, shape=list(shape))
                 product = gs.Variable(f"{x.name}::masked", dtype=x.dtype)
                 shifted = gs.Variable(f"{x.name}::shifted", dtype=x.dtype)
                 graph.nodes.append(gs.Node("Mul", f"{x.name}::mask", inputs=[x, mask], outputs=[product]))
@@ -80,24 +84,33 @@ class MaskedModel:
                 self.masked[x.name] = shape
             node.inputs[0] = masks[x.name]
         graph.toposort()
-        self.session = session(export(graph, loaded))
-        self.means = {name: np.zeros(shape, np.float32) for name, shape in self.masked.items()}
-        everything = self._run(np.zeros(0, np.int64), None)
-        self.reference = everything[:len(self.outputs)]
-        for name, values in zip(self.masked, everything[len(self.outputs):]):
-            axes = (0,) + tuple(range(2, values.ndim))
-            self.means[name] = values.mean(axis=axes).reshape(self.masked[name]).astype(np.float32)
+        model = export(graph, loaded)
+        self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
+        self.feeds = cast_to_inputs(model, feeds)
+        self.means = {name: np.zeros(shape, self.dtype) for name, shape in self.masked.items()}
+        sums = {name: np.zeros(shape, np.float64) for name, shape in self.masked.items()}
+        parts, count = [], 0
+        for outputs in self._chunks(np.zeros(0, np.int64), None):  # channel sums chunk by chunk: bounded memory
+            parts.append(outputs[:len(self.outputs)])
+            for name, values in zip(self.masked, outputs[len(self.outputs):]):
+                sums[name] += values.sum(axis=(0,) + tuple(range(2, values.ndim)), dtype=np.float64).reshape(
+                    sums[name].shape) / int(np.prod(values.shape[2:], dtype=np.int64))
+            count += len(outputs[0])
+        self.reference = [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]
+        self.means = {name: (total / count).astype(self.dtype) for name, total in sums.items()}
 
-    def _run(self, removed_roots: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+    def _chunks(self, removed_roots: np.ndarray, names: list[str] | None):
         inputs = {}
         for name, shape in self.masked.items():
-            keep = self.analysis.keep_mask(name, removed_roots).astype(np.float32).reshape(shape)
+            keep = self.analysis.keep_mask(name, removed_roots).astype(self.dtype).reshape(shape)
             inputs[_MASK + name], inputs[_OFFSET + name] = keep, (1.0 - keep) * self.means[name]
         count = len(next(iter(self.feeds.values())))
-        parts = []
         for lo in range(0, count, self.chunk):
             feeds = {k: v[lo:lo + self.chunk] for k, v in self.feeds.items()}
-            parts.append(self.session.run(names, {**feeds, **inputs}))
+            yield self.session.run(names, {**feeds, **inputs})
+
+    def _run(self, removed_roots: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        parts = list(self._chunks(removed_roots, names))
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
     def damage(self, removed_roots: np.ndarray) -> float:
@@ -151,7 +164,7 @@ class _MacsModel:
 
 
 def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, calib: dict[str, np.ndarray],
-             select_args: dict, samples: int = 64, chunk: int = 64,
+             select_args: dict, samples: int | None = None,
              progress: Callable = lambda items: items) -> Allocation:
     """Ratios per group meeting `target` (share of MACs kept) with the least measured damage."""
     if not 0.0 < target <= 1.0:
@@ -160,8 +173,11 @@ def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, cali
         select_args.get("criterion", "whc"), select_args.get("seed", 0), select_args.get("importance"))}
     exclude = select_args.get("exclude", ())
     groups = [g for g in analysis.groups if g.prunable and not excluded_by(g, exclude)]
+    if samples is None:  # as many as the probe budget pays for: more images, steadier damage figures
+        per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
+        samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
     feeds = {k: v[:samples] for k, v in calib.items()}
-    masked = MaskedModel(loaded, analysis, feeds, chunk)
+    masked = MaskedModel(loaded, analysis, feeds)
     grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
     removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), select_args)
     damage: dict[int, list[float]] = {}
@@ -194,7 +210,8 @@ def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, cali
                 best, best_cost, best_kept = gid, cost, trial
         if best is None:
             raise UserInputError(f"the MACs budget {target:g} is out of reach with ratios up to "
-                                 f"{PROBE_RATIOS[-1]:g} per group (reached {kept:.1%})")
+                                 f"{PROBE_RATIOS[-1]:g} per group (reached {kept:.1%}); "
+                                 "--no-allocate prunes every group at one ratio instead")
         state[best] += 1
         kept = best_kept
     return Allocation({gid: levels[gid][k] for gid, k in state.items() if k}, kept, damage)

@@ -30,9 +30,10 @@ from .validate import validate as validate_models
 
 _PROTO_LIMIT = 2_000_000_000
 DEFAULT_RATIO = 0.4
-# Multiples of 8 keep ONNX Runtime's blocked CPU kernels (and GPU tensor cores) in use: ~95% of the
-# MACs-ideal speedup instead of ~70% with 1 (benchmarks/results/speed.md). The CLI shares this default.
-DEFAULT_ROUND_TO = 8
+# Multiples of 16 keep ONNX Runtime's blocked CPU kernels in use without padding (AVX-512 blocks are 16
+# wide, AVX2 and GPU tensor cores want 8): 96% of the MACs-ideal speedup on ResNet-50 instead of 79% with 1
+# (benchmarks/results/speed.md). The CLI shares this default.
+DEFAULT_ROUND_TO = 16
 
 
 def progress_bar(enabled: bool, label: str):
@@ -121,7 +122,9 @@ def prune(
     allocate = calib is not None if allocate is None else allocate
     if allocate and calib is None:
         raise UserInputError("--allocate needs calibration data: give --calib")
-    importance = consumer_aware_importance(analysis, loaded.graph, criterion, seed) if criterion in CONSUMER_AWARE else None
+    importance = None
+    if criterion in CONSUMER_AWARE:
+        importance = consumer_aware_importance(analysis, loaded.graph, criterion, seed)
     base = CONSUMER_AWARE.get(criterion, criterion)
     clock["analyzed"] = time.perf_counter()
     allocation = None
@@ -157,7 +160,8 @@ def prune(
         del original_model
         clock["recovered"] = time.perf_counter()
     if target_macs is not None and after.macs > target_macs * before.macs:
-        raise ValidationError(f"ratio {ratio:g} keeps {after.macs / before.macs:.2%} of the MACs, "
+        chosen = "the allocated ratios keep" if ratio is None else f"ratio {ratio:g} keeps"
+        raise ValidationError(f"{chosen} {after.macs / before.macs:.2%} of the MACs, "
                               f"over --target-macs {target_macs:g} (the estimate from the plan was wrong)")
     report = PruneReport(ratio, criterion, round_to, cost_dict(before), cost_dict(after), groups)
     report.target_macs = target_macs

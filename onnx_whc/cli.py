@@ -195,12 +195,13 @@ def analyze(model, as_json, input_shape):
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs first, per model and batch size.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"], case_sensitive=False),
               help="ONNX Runtime provider (default: CUDA when it really works, else CPU).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per physical core).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 @_input_shape
-def bench(original, pruned, batches, runs, warmup, provider, json_path, input_shape):
+def bench(original, pruned, batches, runs, warmup, provider, threads, json_path, input_shape):
     """Compare the latency of ORIGINAL and PRUNED side by side, against the speedup their MACs promise."""
     result = compare(original, pruned, parse_batches(batches), provider, runs, warmup, progress=True,
-                     input_shapes=parse_input_shapes(input_shape))
+                     input_shapes=parse_input_shapes(input_shape), threads=threads)
     click.echo(result.summary())
     if json_path:
         _write_text(json_path, result.to_json(), "--json")

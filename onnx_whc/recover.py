@@ -33,13 +33,11 @@ from .recovery import bias as data_free
 from .recovery.fit import FitSettings, fit_layers
 from .recovery.layers import find_layers
 from .recovery.lsq import ridge_fit
-from .recovery.replay import Replay, run_model
+from .recovery.replay import Replay, cast_to_inputs, run_model, samples_per_run
 from .recovery.stats import renormalise
 from .validate import cosine
 
 METHODS = ("auto", "none", "bias", "stats", "lsq")
-_CHUNK_BYTES = 128 << 20  # activation bytes per ONNX Runtime run (per tensor)
-_MAX_CHUNK = 256  # samples per run: larger batches only cost memory
 
 
 @dataclass
@@ -105,17 +103,6 @@ def _split(calib: dict, holdout: int) -> tuple[dict, dict]:
     return fit, ({k: v[count - held:] for k, v in calib.items()} if held else {})
 
 
-def _chunk(original: onnx.ModelProto, shapes: dict | None) -> int:
-    """Samples per run: a static batch when the model has one, else what fits the memory budget."""
-    dims = original.graph.input[0].type.tensor_type.shape.dim if original.graph.input else []
-    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        return int(dims[0].dim_value)
-    sizes = [int(np.prod(s[1:])) for s in (shapes or {}).values()
-             if s and all(isinstance(d, int) and d > 0 for d in s)]
-    largest = 4 * max(sizes, default=1 << 20)
-    return int(np.clip(_CHUNK_BYTES // largest, 1, _MAX_CHUNK))
-
-
 def fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, chunk: int) -> dict[str, float]:
     names = [o.name for o in original.graph.output]
     a, b = run_model(original, feeds, chunk), run_model(pruned, feeds, chunk)
@@ -138,13 +125,13 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[
     if settings.samples < 1 or settings.ridge < 0 or settings.holdout < 0:
         raise UserInputError("recovery needs samples >= 1, ridge >= 0 and holdout >= 0")
     start = time.perf_counter()
-    chunk = _chunk(original, shapes)
+    chunk = samples_per_run(original, shapes)
     if calib is not None:
-        calib = check_calibration(calib, input_shapes)
+        calib = cast_to_inputs(original, check_calibration(calib, input_shapes))
         fit, held = _split(calib, settings.holdout)
         measured_on = f"{len(next(iter(held.values())))} held-out calibration samples" if held else "nothing"
     else:
-        fit, held = None, _random_feeds(input_shapes, 16, settings.seed)
+        fit, held = None, cast_to_inputs(original, _random_feeds(input_shapes, 16, settings.seed))
         measured_on = "16 random normal inputs (no calibration data)"
     before = fidelity(original, pruned, held, chunk) if held else {}
     layers = find_layers(pruned, keep)

@@ -71,10 +71,15 @@ def best_providers(requested: str | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(model: onnx.ModelProto | str, providers: list[str]) -> ort.InferenceSession:
-    """An ORT session from a path or a ModelProto (through a temporary file when over 2 GB)."""
+def session(model: onnx.ModelProto | str, providers: list[str], threads: int | None = None) -> ort.InferenceSession:
+    """An ORT session from a path or a ModelProto (through a temporary file when over 2 GB).
+
+    `threads` sets ONNX Runtime's intra-op thread count (default: one per physical core).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), options, providers=providers)
     if fits_protobuf(model):

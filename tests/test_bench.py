@@ -76,10 +76,11 @@ def test_cli_bench_writes_json(pair, tmp_path):
     original, pruned, report = pair
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", str(original), str(pruned), "--batch", "1,2", "--runs", "3",
-                                       "--warmup", "1", "--provider", "cpu", "--json", str(out)])
+                                       "--warmup", "1", "--provider", "cpu", "--threads", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "ideal speedup" in result.output
+    assert "ideal speedup" in result.output and "(1 intra-op threads)" in result.output
     data = json.loads(out.read_text())
+    assert data["threads"] == 1
     assert [row["batch"] for row in data["batches"]] == [1, 2]
     assert data["macs_pruned"] == report["after"]["macs"]
     for row in data["batches"]:
@@ -116,6 +117,8 @@ def test_cli_bench_fixed_batch_and_bad_batch_list(tmp_path):
     assert "fixed batch of 1" in _error_line(["bench", str(fixed), str(fixed), "--batch", "1,4"])
     assert "comma-separated" in _error_line(["bench", str(fixed), str(fixed), "--batch", "1,four"])
     assert "positive" in _error_line(["bench", str(fixed), str(fixed), "--batch", "0"])
+    assert "--threads must be at least 1" in _error_line(["bench", str(fixed), str(fixed), "--batch", "1",
+                                                          "--threads", "0"])
 
 
 # ---- MACs budget ------------------------------------------------------------------------------

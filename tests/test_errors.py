@@ -494,10 +494,10 @@ def test_large_models_get_external_data(tmp_path, monkeypatch):
     """Over the 2 GB protobuf limit (lowered here) weights go to <output>.data beside the output."""
     model_path = tmp_path / "wide.onnx"
     onnx.save(small_net(width=16).model(), model_path)  # pruned weights over the 1 kB kept inline
-    expected, _ = onnx_whc.prune(model_path, ratio=0.5, validate=False)
+    expected, _ = onnx_whc.prune(model_path, ratio=0.5, round_to=1, validate=False)
     lower_proto_limit(monkeypatch)
     out = tmp_path / "big.onnx"
-    result = cli("prune", model_path, "--ratio", "0.5", "-o", out)
+    result = cli("prune", model_path, "--ratio", "0.5", "--round-to", "1", "-o", out)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "big.onnx.data").stat().st_size > out.stat().st_size
     assert leftovers(tmp_path) == []

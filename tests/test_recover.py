@@ -323,3 +323,26 @@ def test_allocation_meets_the_budget_and_spares_the_sensitive_group():
     apply_plan(loaded, analysis, plan)
     after = model_cost(loaded.graph, infer_static_shapes(loaded.graph, loaded.input_shapes)).macs
     assert after <= 0.8 * before and allocation.macs_kept == pytest.approx(after / before, abs=1e-6)
+
+
+@pytest.mark.parametrize("low, high", [(0.0, np.inf), (0.0, 6.0), (-1.0, 0.5)])
+def test_clipped_gaussian_moments_match_sampling(low, high):
+    from onnx_whc.recovery.bias import Stats, clipped
+
+    mean, var = np.array([-1.0, 0.3, 2.0, 5.0]), np.array([1.0, 0.25, 4.0, 0.0])
+    got = clipped(Stats(mean, var), low, high)
+    z = np.random.default_rng(0).normal(mean, np.sqrt(var), size=(400_000, 4)).clip(low, high)
+    np.testing.assert_allclose(got.mean, z.mean(axis=0), atol=0.01)
+    np.testing.assert_allclose(got.var, z.var(axis=0), atol=0.02)
+
+
+def test_float16_models_recover_too():
+    b = GraphBuilder(seed=11, dtype=np.float16)
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.relu(b.conv(b.relu(b.conv(x, 8, name="c1")), 8, name="c2"))
+    model = b.build([b.gemm(b.flatten(b.global_average_pool(h)), 4, name="fc")])
+    calib = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    pruned, report = prune(model, ratio=0.25, round_to=1, calib=calib, validate=False)
+    assert report.allocation is not None and report.recovery["method"] == "lsq"
+    assert report.recovery["fidelity_after"]["fc"] > report.recovery["fidelity_before"]["fc"]
+    assert next(t for t in pruned.graph.initializer if t.name.startswith("c2")).data_type == onnx.TensorProto.FLOAT16

@@ -52,6 +52,31 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {i.name: i.type.tensor_type.elem_type for i in infos if i.type.tensor_type.elem_type}
 
 
+_RUN_BYTES = 128 << 20  # bytes of the largest activation per ONNX Runtime run
+_MAX_RUN = 256  # samples per run: larger batches only cost memory
+
+
+def samples_per_run(model: onnx.ModelProto, shapes: dict | None) -> int:
+    """A static batch when the model has one, else as many samples as fit the memory budget.
+
+    `shapes` (tensor name -> shape with batch 1) sizes the largest activation.
+    """
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        return int(dims[0].dim_value)
+    sizes = [int(np.prod(s[1:])) for s in (shapes or {}).values()
+             if s and all(isinstance(d, int) and d > 0 for d in s)]
+    largest = 4 * max(sizes, default=1 << 20)
+    return int(np.clip(_RUN_BYTES // largest, 1, _MAX_RUN))
+
+
+def cast_to_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds in the element types the model's inputs declare (float16 models take float16)."""
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    return {name: value.astype(helper.tensor_dtype_to_np_dtype(types[name]), copy=False) if types.get(name) else value
+            for name, value in feeds.items()}
+
+
 def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
