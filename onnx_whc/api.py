@@ -28,7 +28,6 @@ from .surgery import apply_plan
 from .validate import best_providers
 from .validate import validate as validate_models
 
-_PROTO_LIMIT = 2_000_000_000
 DEFAULT_RATIO = 0.4
 # Multiples of 16 keep ONNX Runtime's blocked CPU kernels in use without padding (AVX-512 blocks are 16
 # wide, AVX2 and GPU tensor cores want 8): 96% of the MACs-ideal speedup on ResNet-50 instead of 79% with 1

@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.message import DecodeError
 
 from .errors import UserInputError
+from .storage import fits_protobuf
 
 ort.set_default_logger_severity(3)  # constant folding runs ORT; its warnings are noise here
 
@@ -28,7 +29,6 @@ QUANTIZED_OPS = {
 }
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                onnx.TensorProto.BFLOAT16}
-_PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialise more; such models are checked from their files
 # Graph inputs/outputs declared without a shape break the letter of the spec, yet run everywhere.
 _TOLERATED_CHECK = "Field 'shape' of 'type' is required but missing"
 # Constants larger than this are weights: shape inference only needs their shapes.
@@ -105,7 +105,7 @@ def checker_problem(subject) -> str | None:
     try:
         if not isinstance(subject, onnx.ModelProto):
             onnx.checker.check_model(os.fspath(subject))
-        elif _serialisable(subject):
+        elif fits_protobuf(subject):
             onnx.checker.check_model(subject)
     except (onnx.checker.ValidationError, ValueError, UnicodeError) as err:
         if _TOLERATED_CHECK not in str(err):
@@ -128,23 +128,16 @@ def check_input(model: onnx.ModelProto, source, file_problem=_UNCHECKED) -> None
         raise UserInputError(f"{where}: not a valid ONNX model (a {bad} is not UTF-8 text)")
 
 
-def _serialisable(model: onnx.ModelProto) -> bool:
-    try:
-        return model.ByteSize() < _PROTO_LIMIT
-    except EncodeError:  # protobuf refuses even to measure a message over 2 GB
-        return False
-
-
 def _undecodable(message) -> str | None:
     """The first text field that is not UTF-8 (protobuf hands such text back as bytes), if any."""
-    for field, value in message.ListFields():
-        if message.DESCRIPTOR.name == "TensorProto" and field.name != "name":
+    for descriptor, value in message.ListFields():
+        if message.DESCRIPTOR.name == "TensorProto" and descriptor.name != "name":
             continue  # weights: nothing to decode, and copying them out would cost memory
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        repeated = descriptor.is_repeated if hasattr(field, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
         values = value if repeated else [value]
-        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
-            return f"{message.DESCRIPTOR.name}.{field.name}"
-        if field.type == field.TYPE_MESSAGE:
+        if descriptor.type == descriptor.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            return f"{message.DESCRIPTOR.name}.{descriptor.name}"
+        if descriptor.type == descriptor.TYPE_MESSAGE:
             found = next((f for f in map(_undecodable, values) if f), None)
             if found:
                 return found

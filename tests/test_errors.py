@@ -486,7 +486,7 @@ def test_interrupted_save_keeps_existing_output(tmp_path, model_path, monkeypatc
 
 def lower_proto_limit(monkeypatch, limit: int = 1000) -> None:
     """Make every stage treat a small model as one over protobuf's 2 GB."""
-    for name in ("onnx_whc.storage.PROTO_LIMIT", "onnx_whc.load._PROTO_LIMIT"):
+    for name in ("onnx_whc.storage.PROTO_LIMIT",):
         monkeypatch.setattr(name, limit)
 
 
