@@ -133,7 +133,7 @@ def _undecodable(message) -> str | None:
     for descriptor, value in message.ListFields():
         if message.DESCRIPTOR.name == "TensorProto" and descriptor.name != "name":
             continue  # weights: nothing to decode, and copying them out would cost memory
-        repeated = descriptor.is_repeated if hasattr(field, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
+        repeated = descriptor.is_repeated if hasattr(descriptor, "is_repeated") else descriptor.label == descriptor.LABEL_REPEATED
         values = value if repeated else [value]
         if descriptor.type == descriptor.TYPE_STRING and any(isinstance(v, bytes) for v in values):
             return f"{message.DESCRIPTOR.name}.{descriptor.name}"
