@@ -6,7 +6,9 @@ random input, and latency medians (CUDA when it really runs, else CPU).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import tempfile
 import time
@@ -35,9 +37,28 @@ class Validation:
 
 @functools.lru_cache(maxsize=1)
 def cuda_works() -> bool:
-    """Whether the CUDA provider really loads: the GPU package lists it even without CUDA libraries."""
+    """Whether the CUDA provider really loads: the GPU package lists it even without CUDA libraries.
+
+    CUDA and cuDNN installed as pip packages (`pip install onnxruntime-gpu[cuda,cudnn]`) are not on the
+    loader's path, so the provider fails to load until `onnxruntime.preload_dlls()` (1.21+) loads them:
+    try that before falling back to the CPU.
+    """
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
+    if _cuda_session_loads():
+        return True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every library it cannot find
+            preload()
+    except Exception:
+        return False
+    return _cuda_session_loads()
+
+
+def _cuda_session_loads() -> bool:
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],

@@ -202,3 +202,23 @@ def test_cli_bench_unavailable_provider_is_a_usage_error(pair):
     original, pruned, _ = pair
     assert "provider cuda is not available" in _error_line(["bench", str(original), str(pruned), "--provider",
                                                             "cuda", "--batch", "1"])
+
+
+def test_cuda_probe_loads_pip_cuda_libraries_before_giving_up(monkeypatch):
+    """With CUDA from pip's nvidia-* packages the provider loads only after onnxruntime.preload_dlls()."""
+    from onnx_whc import validate
+
+    loaded = []
+    monkeypatch.setattr(validate.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                          "CPUExecutionProvider"])
+    monkeypatch.setattr(validate.ort, "preload_dlls", lambda: loaded.append(True) or print("Failed to load x"),
+                        raising=False)
+    monkeypatch.setattr(validate, "_cuda_session_loads", lambda: bool(loaded))
+    validate.cuda_works.cache_clear()
+    try:
+        assert validate.cuda_works() and loaded == [True]
+        validate.cuda_works.cache_clear()
+        monkeypatch.setattr(validate, "_cuda_session_loads", lambda: False)
+        assert not validate.cuda_works()  # still no CUDA: CPU
+    finally:
+        validate.cuda_works.cache_clear()
