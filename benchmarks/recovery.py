@@ -34,7 +34,8 @@ TARGETS = {("resnet56", 0.61): 0.80, ("resnet56", 0.80): 0.83, ("resnet20", 0.61
            ("efficientnet_lite0", 0.75): 0.82}
 # name -> (criterion, allocate, recover); "default" is what `--calib` alone gives.
 CELLS = {
-    "default": ("whc", True, "lsq"),
+    "default": ("auto", True, "lsq"),
+    "whc": ("whc", True, "lsq"),
     "whc+": ("whc+", True, "lsq"),
     "uniform-none": ("whc", False, "none"),
     "uniform-bias": ("whc", False, "bias"),
@@ -60,8 +61,8 @@ CELLS = {
 }
 INNER = [name for name in CELLS if name.startswith("inner")]
 # The big model gets the cells that answer the questions; its peers' uniform rows add little.
-MODEL_CELLS = {"efficientnet_lite0": ["default", "whc+", "uniform-none", "uniform-bias", "uniform-stats", "uniform-lsq",
-                                      "uniform-whc+-lsq", "l2", "fpgm", "random"]}
+MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm",
+                                      "random"]}
 JSON = RESULTS / "recovery.json"
 
 
@@ -80,7 +81,7 @@ def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | N
     inputs, labels = load_split(DATASET[model], "eval", limit)
     recovery = report.recovery or {}
     return {
-        "model": model, "budget": budget, "cell": name, "round_to": round_to, "criterion": criterion,
+        "model": model, "budget": budget, "cell": name, "round_to": round_to, "criterion": report.criterion,
         "allocate": allocate, "trunk_kept": bool(exclude),
         "recover": recover, "top1": accuracy(pruned.SerializeToString(), inputs, labels),
         "eval_images": len(labels), "macs_kept": round(report.macs_kept, 4), "params_kept": round(report.params_kept, 4),
@@ -116,7 +117,7 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
              "Top-1 on the whole `eval` split of ../shared after `onnx_whc.prune(model, target_macs=B, ...)`; "
              "calibration images (unlabelled use only) from the `calib` split: 1,000 CIFAR-10 images "
              "(936 fitted, 64 held out for the fidelity figure), 500 ImageNet images (436 fitted, 64 held out). "
-             "*default* is what `--calib` alone gives: criterion whc, `--allocate` (per-group ratios from "
+             "*default* is what `--calib` alone gives: criterion `auto` (= `energy` with calibration data), `--allocate` (per-group ratios from "
              f"calibration sensitivity under the budget), `--recover lsq`, `--round-to {DEFAULT_ROUND_TO}` (the "
              "default when measured; `--round-to 1` rows for comparison). *uniform* rows prune every group at the one "
              "ratio that meets the budget (`--no-allocate`). Fidelity: cosine of the outputs to the original's on the "

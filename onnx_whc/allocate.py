@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .budget import MacsEstimator, _cached_importance
+from .channel_stats import ChannelStats
 from .dependency import ChannelAnalysis, ChannelGroup
 from .equivalence import export
 from .errors import UserInputError
@@ -57,7 +58,8 @@ class MaskedModel:
     nothing, as it will after recovery.
     """
 
-    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray]):
+    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray],
+                 means: dict[str, np.ndarray]):
         graph = loaded.graph.copy()
         self.analysis = analysis
         floats = [t.dtype for t in graph.inputs if t.dtype is not None and np.issubdtype(t.dtype, np.floating)]
@@ -79,7 +81,6 @@ class MaskedModel:
                 graph.nodes.append(gs.Node("Mul", f"{x.name}::mask", inputs=[x, mask], outputs=[product]))
                 graph.nodes.append(gs.Node("Add", f"{x.name}::offset", inputs=[product, offset], outputs=[shifted]))
                 graph.inputs += [mask, offset]
-                graph.outputs.append(x)
                 masks[x.name] = shifted
                 self.masked[x.name] = shape
             node.inputs[0] = masks[x.name]
@@ -87,17 +88,8 @@ class MaskedModel:
         model = export(graph, loaded)
         self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
         self.feeds = cast_to_inputs(model, feeds)
-        self.means = {name: np.zeros(shape, self.dtype) for name, shape in self.masked.items()}
-        sums = {name: np.zeros(shape, np.float64) for name, shape in self.masked.items()}
-        parts, count = [], 0
-        for outputs in self._chunks(np.zeros(0, np.int64), None):  # channel sums chunk by chunk: bounded memory
-            parts.append(outputs[:len(self.outputs)])
-            for name, values in zip(self.masked, outputs[len(self.outputs):]):
-                sums[name] += values.sum(axis=(0,) + tuple(range(2, values.ndim)), dtype=np.float64).reshape(
-                    sums[name].shape) / int(np.prod(values.shape[2:], dtype=np.int64))
-            count += len(outputs[0])
-        self.reference = [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]
-        self.means = {name: (total / count).astype(self.dtype) for name, total in sums.items()}
+        self.means = {name: means[name].astype(self.dtype).reshape(shape) for name, shape in self.masked.items()}
+        self.reference = self._run(np.zeros(0, np.int64), self.outputs)
 
     def _chunks(self, removed_roots: np.ndarray, names: list[str] | None):
         inputs = {}
@@ -164,7 +156,7 @@ class _MacsModel:
 
 
 def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, calib: dict[str, np.ndarray],
-             select_args: dict, samples: int | None = None,
+             select_args: dict, stats: ChannelStats, samples: int | None = None,
              progress: Callable = lambda items: items) -> Allocation:
     """Ratios per group meeting `target` (share of MACs kept) with the least measured damage."""
     if not 0.0 < target <= 1.0:
@@ -177,7 +169,7 @@ def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, cali
         per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
         samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
     feeds = {k: v[:samples] for k, v in calib.items()}
-    masked = MaskedModel(loaded, analysis, feeds)
+    masked = MaskedModel(loaded, analysis, feeds, stats.mean)
     grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
     removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), select_args)
     damage: dict[int, list[float]] = {}
@@ -218,11 +210,11 @@ def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, cali
 
 
 def allocated_plan(loaded: LoadedModel, analysis: ChannelAnalysis, calib: dict[str, np.ndarray],
-                   ratio: float | None, target_macs: float | None, select_args: dict,
+                   stats: ChannelStats, ratio: float | None, target_macs: float | None, select_args: dict,
                    progress: Callable = lambda items: items) -> tuple[PrunePlan, Allocation]:
     """The plan for a budget: `target_macs`, or the MACs a uniform `ratio` would keep."""
     if target_macs is None:
         uniform = select(analysis, ratio, **select_args)
         target_macs = MacsEstimator(loaded, analysis).kept(uniform)
-    allocation = allocate(loaded, analysis, target_macs, calib, select_args, progress=progress)
+    allocation = allocate(loaded, analysis, target_macs, calib, select_args, stats, progress=progress)
     return select(analysis, allocation.ratios, **select_args), allocation

@@ -16,13 +16,15 @@ import onnx
 from . import recover as recovery
 from .allocate import allocated_plan
 from .budget import fit_ratio
+from .channel_stats import channel_stats
 from .dependency import analyze_channels
 from .equivalence import export, release_weights
 from .errors import UserInputError, ValidationError
 from .load import infer_static_shapes, load, read_model, return_freed_memory
 from .metrics import model_cost
 from .report import AnalysisReport, PruneReport, cost_dict, group_reports, validation_dict
-from .select import CONSUMER_AWARE, consumer_aware_importance, select
+from .criteria import CRITERIA
+from .select import CONSUMER_AWARE, DATA_AWARE, consumer_aware_importance, energy_importance, select
 from .storage import fits_protobuf, save_external
 from .surgery import apply_plan
 from .validate import best_providers
@@ -75,10 +77,22 @@ def _check_ratio(ratio) -> float:
     return value
 
 
+def resolve_criterion(criterion: str, has_calibration: bool) -> str:
+    """`auto`: `energy` with calibration data (measured better after recovery), else the paper's WHC."""
+    names = ("auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE)
+    if criterion not in names:
+        raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(names)})")
+    if criterion == "auto":
+        return "energy" if has_calibration else "whc"
+    if criterion in DATA_AWARE and not has_calibration:
+        raise UserInputError(f"--criterion {criterion} needs calibration data: give --calib")
+    return criterion
+
+
 def prune(
     model,
     ratio: float | None = None,
-    criterion: str = "whc",
+    criterion: str = "auto",
     exclude: tuple[str, ...] = (),
     round_to: int = DEFAULT_ROUND_TO,
     seed: int = 0,
@@ -121,17 +135,22 @@ def prune(
     allocate = calib is not None if allocate is None else allocate
     if allocate and calib is None:
         raise UserInputError("--allocate needs calibration data: give --calib")
+    criterion = resolve_criterion(criterion, calib is not None)
+    stats = None if calib is None else channel_stats(loaded, analysis, calib)
     importance = None
     if criterion in CONSUMER_AWARE:
         importance = consumer_aware_importance(analysis, loaded.graph, criterion, seed)
-    base = CONSUMER_AWARE.get(criterion, criterion)
+    elif criterion in DATA_AWARE:
+        importance = energy_importance(analysis, loaded.graph, stats.var)
+    base = CONSUMER_AWARE.get(criterion, "whc" if criterion in DATA_AWARE else criterion)  # data-aware: scores
+    # come from `importance` alone, and "whc" only names the filter criterion `select` checks
     clock["analyzed"] = time.perf_counter()
     allocation = None
     if target_macs is not None:
         target_macs = _check_number(target_macs, "--target-macs", "(0, 1]")
     if allocate:
         select_args = dict(criterion=base, round_to=round_to, exclude=tuple(exclude), seed=seed, importance=importance)
-        plan, allocation = allocated_plan(loaded, analysis, calib, ratio, target_macs, select_args,
+        plan, allocation = allocated_plan(loaded, analysis, calib, stats, ratio, target_macs, select_args,
                                           progress_bar(progress, "measuring group sensitivity"))
     elif target_macs is None:
         plan = select(analysis, ratio, base, round_to, tuple(exclude), seed, importance=importance,

@@ -20,7 +20,7 @@ from .calibration import Preprocess
 from .criteria import CRITERIA
 from .errors import OnnxWhcError, UserInputError
 from .recover import METHODS, RecoverySettings
-from .select import CONSUMER_AWARE
+from .select import CONSUMER_AWARE, DATA_AWARE
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -122,8 +122,9 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--ratio", "-r", help="Share of channels removed from every group, in [0, 1).  [default: 0.4]")
 @click.option("--target-macs", help="Instead of --ratio: prune until at most this share of MACs is left, in (0, 1].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
-@click.option("--criterion", "-c", type=click.Choice(list(CRITERIA) + list(CONSUMER_AWARE)), default="whc",
-              show_default=True, help="Filter score; whc+ weighs WHC by the norm of the consumers' weights.")
+@click.option("--criterion", "-c", type=click.Choice(["auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE]), default="auto",
+              show_default=True, help="Filter score. auto: whc, or energy with --calib. whc+ weighs WHC by the norm "
+              "of the consumers' weights; energy (needs --calib) by the output variance each channel carries.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
 @click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True,
               help="Kept channel counts become multiples of this (1: exactly the ratio; see benchmarks/results/speed.md).")

@@ -66,8 +66,14 @@ def class_importance(group: ChannelGroup, criterion: str, rng: np.random.Generat
 CONSUMER_AWARE = {"whc+": "whc"}
 
 
-def consumer_weight_norms(analysis: ChannelAnalysis, graph) -> dict[int, np.ndarray]:
-    """Per group id, the L2 norm of all consumer weights (Conv/Gemm/MatMul inputs) reading each class."""
+def consumer_weight_norms(analysis: ChannelAnalysis, graph,
+                          variances: dict[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """Per group id, the L2 norm of all consumer weights (Conv/Gemm/MatMul inputs) reading each class.
+
+    With `variances` (tensor -> per-channel variance on calibration data), each consumer's squared
+    weights on a channel are scaled by that channel's variance: the channel's share of the
+    variance of the consumers' outputs, as far as channels are uncorrelated.
+    """
     position = {root: (group.id, index) for group in analysis.groups for index, root in enumerate(group.classes.tolist())}
     squares = {group.id: np.zeros(group.channels) for group in analysis.groups}
     for node in graph.nodes:
@@ -84,6 +90,8 @@ def consumer_weight_norms(analysis: ChannelAnalysis, graph) -> dict[int, np.ndar
         if groups > 1:  # grouped: input j of the tensor is input j % n of group j // n
             n = per_input.shape[0]
             per_input = (np.moveaxis(weight, 1, 0).reshape(n, groups, -1) ** 2).sum(axis=2).T.ravel()
+        if variances is not None:
+            per_input = per_input * variances[node.inputs[0].name]
         for root, value in zip(analysis.roots[atoms].tolist(), per_input.tolist()):
             if root in position:
                 gid, index = position[root]
@@ -104,6 +112,22 @@ def consumer_aware_importance(analysis: ChannelAnalysis, graph, criterion: str,
         return scores * (weights / peak) if peak > 0 else scores
 
     return importance
+
+
+# Data-aware criteria need calibration data (`channel_stats.ChannelStats`).
+DATA_AWARE = ("energy",)
+
+
+def energy_importance(analysis: ChannelAnalysis, graph, variances: dict[str, np.ndarray]
+                      ) -> Callable[[ChannelGroup], np.ndarray]:
+    """`energy`: how much of its readers' output variance each channel carries on calibration data,
+    sqrt(sum over reading layers of Var(x_c) * ||W[:, c]||^2).
+
+    Recovery refits the readers by least squares, which restores a removed channel's mean but not
+    its variation: the channels whose variation the readers weigh least are the cheapest to lose.
+    """
+    energy = consumer_weight_norms(analysis, graph, variances)
+    return lambda group: energy.get(group.id, np.zeros(group.channels))
 
 
 def channels_to_keep(n: int, ratio: float, round_to: int) -> int:

@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 
 from onnx_whc.allocate import allocated_plan
 from onnx_whc.api import prune
+from onnx_whc.channel_stats import channel_stats
 from onnx_whc.cli import main
 from onnx_whc.dependency import analyze_channels
 from onnx_whc.equivalence import export
@@ -53,14 +54,13 @@ def _pruned_pair(model: onnx.ModelProto, ratio, lowest: dict[str, list[int]] | N
     """(original, pruned, keep, input shapes) with the channels in `lowest` (per conv) removed first."""
     loaded = load(model)
     analysis = analyze_channels(loaded)
-    importance = None
-    if lowest:
-        def importance(group):
-            scores = np.ones(group.channels)
-            for producer, class_index in group.producers:
-                scores[class_index[lowest.get(producer.node.name, [])]] = 0.0
-            return scores
-    plan = select(analysis, ratio, importance=importance)
+    def lowest_first(group):
+        scores = np.ones(group.channels)
+        for producer, class_index in group.producers:
+            scores[class_index[lowest.get(producer.node.name, [])]] = 0.0
+        return scores
+
+    plan = select(analysis, ratio, importance=lowest_first if lowest else None)
     original = export(loaded.graph.copy(), loaded)
     apply_plan(loaded, analysis, plan)
     pruned = export(loaded.graph, loaded)
@@ -316,13 +316,86 @@ def test_allocation_meets_the_budget_and_spares_the_sensitive_group():
     analysis = analyze_channels(loaded)
     calib = {"x": np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)}
     before = model_cost(loaded.graph, loaded.shapes).macs
-    plan, allocation = allocated_plan(loaded, analysis, calib, None, 0.8,
+    plan, allocation = allocated_plan(loaded, analysis, calib, channel_stats(loaded, analysis, calib), None, 0.8,
                                       dict(criterion="whc", round_to=1, exclude=(), seed=0))
     ratios = {d.group.producers[0][0].node.name: len(d.removed) / d.group.channels for d in plan.decisions}
     assert ratios["b"] > ratios["a"]
     apply_plan(loaded, analysis, plan)
     after = model_cost(loaded.graph, infer_static_shapes(loaded.graph, loaded.input_shapes)).macs
     assert after <= 0.8 * before and allocation.macs_kept == pytest.approx(after / before, abs=1e-6)
+
+
+def _energy_model() -> onnx.ModelProto:
+    """c1's filter 0 is the strongest but reads only input channel 0, which the data holds constant."""
+    b = GraphBuilder(seed=19)
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.relu(b.conv(x, 8, k=1, name="c1"))  # 1x1: no zero padding to make the constant vary
+    model = b.build([b.conv(h, 4, name="c2")])
+    w1 = _get(model, "c1.weight").copy()
+    w1[0] = 0.0
+    w1[0, 0] = 5.0
+    _set(model, "c1.weight", w1)
+    return model
+
+
+def _constant_first_channel(count: int) -> np.ndarray:
+    x = np.random.default_rng(0).standard_normal((count, 3, 8, 8)).astype(np.float32)
+    x[:, 0] = 1.0
+    return x
+
+
+def test_channel_stats_match_numpy():
+    model = _energy_model()
+    loaded = load(model)
+    analysis = analyze_channels(loaded)
+    x = _constant_first_channel(40)
+    stats = channel_stats(loaded, analysis, {"x": x})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    relu = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    probe.graph.output.append(helper.make_tensor_value_info(relu, onnx.TensorProto.FLOAT, None))
+    h = run_model(probe, {"x": x}, 64)[1].astype(np.float64)
+    assert set(stats.mean) == {"x", relu}  # every tensor a conv reads
+    assert stats.var["x"][0] == pytest.approx(0.0, abs=1e-12) and stats.mean["x"][0] == pytest.approx(1.0)
+    np.testing.assert_allclose(stats.mean[relu], h.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats.var[relu], h.var(axis=(0, 2, 3)), rtol=1e-5, atol=1e-9)
+
+
+def test_energy_removes_the_channel_that_never_varies():
+    """WHC keeps c1's strongest filter; on data where its input is constant, energy removes it."""
+    model = _energy_model()
+    calib = _constant_first_channel(32)
+    _, plain = prune(model, ratio=0.125, criterion="whc", round_to=1, validate=False, recover="none")
+    _, aware = prune(model, ratio=0.125, round_to=1, validate=False, recover="none", allocate=False,
+                     calib={"x": calib})
+    assert aware.criterion == "energy" and plain.criterion == "whc"  # auto picks energy given data
+    def removed(report):
+        return next(g.removed for g in report.groups if g.producers == ["c1"])
+
+    assert removed(plain) != [0]
+    assert removed(aware) == [0]
+
+
+def test_energy_needs_calibration_data():
+    with pytest.raises(UserInputError, match="needs calibration data"):
+        prune(_energy_model(), ratio=0.25, criterion="energy", validate=False)
+
+
+def test_lsq_keeps_weights_the_data_cannot_determine():
+    """A classifier fitted on fewer rows than inputs would interpolate them: only its bias moves."""
+    b = GraphBuilder(seed=23)
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.flatten(b.global_average_pool(b.relu(b.conv(x, 16, name="c1"))))
+    model = b.build([b.gemm(h, 5, name="fc")])
+    original, pruned, keep, shapes = _pruned_pair(model, 0.25)
+    calib = np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    settings = RecoverySettings(method="lsq", holdout=0)
+    recovered, _ = recover(original, pruned, keep, shapes, calib, settings)
+    weights = {t.name: numpy_helper.to_array(t) for t in recovered.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    fc = next(n for n in recovered.graph.node if n.name == "fc")
+    np.testing.assert_array_equal(weights[fc.input[1]], before[fc.input[1]])  # 12 inputs, 10 rows
+    assert not np.allclose(weights[fc.input[2]], before[fc.input[2]])
 
 
 @pytest.mark.parametrize("low, high", [(0.0, np.inf), (0.0, 6.0), (-1.0, 0.5)])

@@ -3,9 +3,8 @@
 Each layer's weights on its kept inputs (and its bias) are solved so that, on calibration
 patches, it reproduces the original model's outputs of that layer. The ridge term pulls the
 weights towards the pruned layer's own (lambda = `ridge * trace(C) / d` on the centred Gram
-matrix C): the solve stays stable when kept inputs are nearly collinear, and where the data
-cannot tell (fewer samples than inputs, as for a classifier fed one row per image) the weights
-stay what they were instead of shrinking to zero. The bias is the unregularised intercept.
+matrix C): the solve stays stable when kept inputs are nearly collinear. The bias is the
+unregularised intercept.
 """
 
 from __future__ import annotations
@@ -19,10 +18,16 @@ from .moments import Moments
 def ridge_fit(moments: Moments, current: Affine, ridge: float) -> Affine:
     """Per group: weights (d, m) and bias minimising ||x W + b - y||^2 + lambda ||W - W_now||^2.
 
-    Layers without a bias (MatMul) are solved without an intercept.
+    Layers without a bias (MatMul) are solved without an intercept. With no more samples than
+    inputs (a classifier fed one row per image) the data cannot pin the weights down: the fit
+    would interpolate the calibration rows, so only the bias is re-estimated.
     """
-    gram, cross = moments.xx.copy(), moments.xy.copy()
     intercept = current.bias is not None
+    if moments.count <= moments.xx.shape[1]:
+        if not intercept:
+            return current
+        return Affine(current.weights, moments.y_mean - np.einsum("gd,gdm->gm", moments.x_mean, current.weights))
+    gram, cross = moments.xx.copy(), moments.xy.copy()
     if not intercept:
         gram += moments.count * moments.x_mean[:, :, None] * moments.x_mean[:, None, :]
         cross += moments.count * moments.x_mean[:, :, None] * moments.y_mean[:, None, :]

@@ -1,0 +1,57 @@
+"""Per-channel mean and variance, on calibration data, of every tensor a prunable layer reads.
+
+Computed once on the original model and shared: `--allocate` replaces a removed channel by its
+mean in its probes, and the `energy` criterion weighs each channel by its variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dependency import ChannelAnalysis
+from .equivalence import export
+from .load import LoadedModel
+from .ops import consumer_weight_axis
+from .recovery.replay import cast_to_inputs, samples_per_run, session
+
+MAX_SAMPLES = 256  # calibration images: channel moments settle well before this
+
+
+@dataclass
+class ChannelStats:
+    mean: dict[str, np.ndarray]  # tensor name -> (channels,)
+    var: dict[str, np.ndarray]
+
+
+def consumer_inputs(loaded: LoadedModel, analysis: ChannelAnalysis) -> list[str]:
+    """Tensors read by a layer with channel weights (Conv, Gemm, MatMul...) whose channels can go."""
+    names = {node.inputs[0].name for node in loaded.graph.nodes
+             if consumer_weight_axis(node) and node.inputs and node.inputs[0].name in analysis.maps}
+    return sorted(names)
+
+
+def channel_stats(loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray]) -> ChannelStats:
+    names = consumer_inputs(loaded, analysis)
+    graph = loaded.graph.copy()
+    tensors = graph.tensors()
+    graph.outputs += [tensors[name] for name in names if tensors[name] not in graph.outputs]
+    model = export(graph, loaded)
+    feeds = cast_to_inputs(model, {k: v[:MAX_SAMPLES] for k, v in feeds.items()})
+    sess, chunk = session(model), samples_per_run(model, loaded.shapes)
+    sums = {n: 0.0 for n in names}
+    squares = {n: 0.0 for n in names}
+    positions = {n: 0 for n in names}
+    total = len(next(iter(feeds.values())))
+    for lo in range(0, total, chunk):
+        values = sess.run(names, {k: v[lo:lo + chunk] for k, v in feeds.items()}) if names else []
+        for name, x in zip(names, values):
+            x = x.astype(np.float64)
+            axes = (0,) + tuple(range(2, x.ndim))
+            sums[name] = sums[name] + x.sum(axis=axes)
+            squares[name] = squares[name] + (x * x).sum(axis=axes)
+            positions[name] += x.size // x.shape[1]
+    means = {name: sums[name] / positions[name] for name in names}
+    variances = {name: np.maximum(squares[name] / positions[name] - means[name] ** 2, 0.0) for name in names}
+    return ChannelStats(means, variances)
