@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnx_whc.storage import copy_fields
+
 __all__ = [
     "resnet50",
     "mobilenet_v2",
@@ -347,24 +349,9 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     )
 
 
-def _copy_fields(dst, src, keep) -> None:
-    """Copies the set fields of src for which keep(field) is true into dst."""
-    for field, value in src.ListFields():
-        if not keep(field):
-            continue
-        target = getattr(dst, field.name)
-        # Duck-typed: FieldDescriptor.label is gone in recent protobuf.
-        if hasattr(target, "extend"):
-            target.extend(value)
-        elif hasattr(target, "CopyFrom"):
-            target.CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
-
-
 def _copy_except(dst, src, skip: str) -> None:
     """Copies every set field of src into dst except the one named skip."""
-    _copy_fields(dst, src, lambda field: field.name != skip)
+    copy_fields(dst, src, lambda field: field.name != skip)
 
 
 def _stub_of(stub: TensorProto, tensor: TensorProto) -> None:
@@ -467,8 +454,8 @@ def _split_around(message, field_name: str) -> tuple[bytes, bytes]:
     """Serialized fields numbered below and above field_name, which is left out."""
     number = message.DESCRIPTOR.fields_by_name[field_name].number
     head, tail = type(message)(), type(message)()
-    _copy_fields(head, message, lambda f: f.number < number)
-    _copy_fields(tail, message, lambda f: f.number > number)
+    copy_fields(head, message, lambda f: f.number < number)
+    copy_fields(tail, message, lambda f: f.number > number)
     return head.SerializeToString(), tail.SerializeToString()
 
 

@@ -77,11 +77,13 @@ def _check_ratio(ratio) -> float:
     return value
 
 
+CRITERION_NAMES = ("auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE)
+
+
 def resolve_criterion(criterion: str, has_calibration: bool) -> str:
     """`auto`: `energy` with calibration data (measured better after recovery), else the paper's WHC."""
-    names = ("auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE)
-    if criterion not in names:
-        raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(names)})")
+    if criterion not in CRITERION_NAMES:
+        raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERION_NAMES)})")
     if criterion == "auto":
         return "energy" if has_calibration else "whc"
     if criterion in DATA_AWARE and not has_calibration:
@@ -136,7 +138,7 @@ def prune(
     if allocate and calib is None:
         raise UserInputError("--allocate needs calibration data: give --calib")
     criterion = resolve_criterion(criterion, calib is not None)
-    stats = None if calib is None else channel_stats(loaded, analysis, calib)
+    stats = channel_stats(loaded, analysis, calib) if allocate or criterion in DATA_AWARE else None
     importance = None
     if criterion in CONSUMER_AWARE:
         importance = consumer_aware_importance(analysis, loaded.graph, criterion, seed)

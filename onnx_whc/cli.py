@@ -14,13 +14,11 @@ import click
 from . import __version__
 from .api import analyze as analyze_model
 from .api import prune as prune_model
-from .api import DEFAULT_ROUND_TO, check_writable, copy_unchanged, external_data_files, same_file, save
+from .api import CRITERION_NAMES, DEFAULT_ROUND_TO, check_writable, copy_unchanged, external_data_files, same_file, save
 from .bench import compare, parse_batches
 from .calibration import Preprocess
-from .criteria import CRITERIA
 from .errors import OnnxWhcError, UserInputError
 from .recover import METHODS, RecoverySettings
-from .select import CONSUMER_AWARE, DATA_AWARE
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -122,7 +120,7 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--ratio", "-r", help="Share of channels removed from every group, in [0, 1).  [default: 0.4]")
 @click.option("--target-macs", help="Instead of --ratio: prune until at most this share of MACs is left, in (0, 1].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
-@click.option("--criterion", "-c", type=click.Choice(["auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE]), default="auto",
+@click.option("--criterion", "-c", type=click.Choice(CRITERION_NAMES), default="auto",
               show_default=True, help="Filter score. auto: whc, or energy with --calib. whc+ weighs WHC by the norm "
               "of the consumers' weights; energy (needs --calib) by the output variance each channel carries.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")

@@ -9,6 +9,7 @@ the model that points at them is saved beside it.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import onnx
 from google.protobuf.message import EncodeError, Message
@@ -33,8 +34,8 @@ def fits_protobuf(model: onnx.ModelProto) -> bool:
 def save_external(model: onnx.ModelProto, path: str, location: str) -> None:
     """Save `model` to `path` with its large weights in `location` (a file name beside it)."""
     skeleton = onnx.ModelProto()
-    _copy_fields(skeleton, model, skip="graph")
-    _copy_fields(skeleton.graph, model.graph, skip="initializer")
+    copy_fields(skeleton, model, lambda field: field.name != "graph")
+    copy_fields(skeleton.graph, model.graph, lambda field: field.name != "initializer")
     with open(os.path.join(os.path.dirname(path), location), "wb") as data:
         for tensor in model.graph.initializer:
             stub = skeleton.graph.initializer.add()
@@ -56,9 +57,10 @@ def save_external(model: onnx.ModelProto, path: str, location: str) -> None:
     onnx.save(skeleton, path)
 
 
-def _copy_fields(target: Message, source: Message, skip: str) -> None:
+def copy_fields(target: Message, source: Message, keep: Callable) -> None:
+    """Copy the set fields of `source` for which `keep(field descriptor)` holds into `target`."""
     for field, value in source.ListFields():
-        if field.name == skip:
+        if not keep(field):
             continue
         destination = getattr(target, field.name)
         if hasattr(destination, "extend"):
