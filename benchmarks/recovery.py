@@ -88,7 +88,7 @@ def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | N
         "uniform_ratio": report.ratio, "allocation": report.allocation and report.allocation["ratios"],
         "select_seconds": report.seconds.get("selected"), "recover_seconds": report.seconds.get("recovered"),
         "total_seconds": round(seconds, 2), "peak_rss_mib": round(peak),
-        "fidelity_before": recovery.get("fidelity_before"), "fidelity_after": recovery.get("fidelity_after"),
+        "quality_before": recovery.get("quality_before"), "quality_after": recovery.get("quality_after"),
         "calibration_samples": recovery.get("calibration_samples"),
     }
 
@@ -106,7 +106,9 @@ def _pct(value) -> str:
 
 
 def _fidelity(cell: dict) -> str:
-    before, after = cell.get("fidelity_before"), cell.get("fidelity_after")
+    """Held-out quality before and after recovery (older cells recorded the cosine as `fidelity_*`)."""
+    before = cell.get("quality_before") or cell.get("fidelity_before")
+    after = cell.get("quality_after") or cell.get("fidelity_after")
     if not after:
         return ""
     return f"{min(before.values()):.3f} → {min(after.values()):.3f}"

@@ -1,7 +1,8 @@
 """Per-group pruning ratios from calibration sensitivity, under a MACs budget (`--allocate`).
 
 Every prunable group is pruned alone at a few ratios and the damage is measured on calibration
-samples: 1 - cosine similarity of the outputs to the original's. Probes need no surgery: a masked
+samples with `quality.damage`: 1 - the mean per-channel R² of dense outputs (a detector's class
+scores count as much as its boxes), 1 - the cosine of a classifier's logits. Probes need no surgery: a masked
 copy of the model multiplies every consumer's input by per-channel masks fed at run time, so one
 ONNX Runtime session serves them all (a pruned model equals the original with the removed
 channels' readers zeroed; here they read the channel's calibration mean instead, what recovery
@@ -25,9 +26,9 @@ from .equivalence import export
 from .errors import UserInputError
 from .load import LoadedModel
 from .ops import consumer_weight_axis
-from .recovery.replay import cast_to_inputs, samples_per_run, session
+from .quality import damage, output_kinds
+from .recovery.replay import samples_per_run, session
 from .select import PrunePlan, excluded_by, select
-from .validate import cosine
 
 PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0
 STEP = 0.05  # granularity of the allocated ratios
@@ -87,9 +88,10 @@ class MaskedModel:
         graph.toposort()
         model = export(graph, loaded)
         self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
-        self.feeds = cast_to_inputs(model, feeds)
+        self.feeds = feeds  # already in the inputs' types (Calibration)
         self.means = {name: means[name].astype(self.dtype).reshape(shape) for name, shape in self.masked.items()}
         self.reference = self._run(np.zeros(0, np.int64), self.outputs)
+        self.kinds = list(output_kinds(model, dict(zip(self.outputs, self.reference))).values())
 
     def _chunks(self, removed_roots: np.ndarray, names: list[str] | None):
         inputs = {}
@@ -107,7 +109,7 @@ class MaskedModel:
 
     def damage(self, removed_roots: np.ndarray) -> float:
         outputs = self._run(removed_roots, self.outputs)
-        return float(np.mean([1.0 - cosine(a, b) for a, b in zip(self.reference, outputs)]))
+        return damage(self.reference, outputs, self.kinds)
 
 
 def _removals(analysis: ChannelAnalysis, groups: list[ChannelGroup], ratios, select_args: dict) -> dict:
@@ -155,66 +157,93 @@ class _MacsModel:
         return float((self.macs * reads * share[self.writes]).sum() / self.total) if self.total else 1.0
 
 
-def allocate(loaded: LoadedModel, analysis: ChannelAnalysis, target: float, calib: dict[str, np.ndarray],
-             select_args: dict, stats: ChannelStats, samples: int | None = None,
-             progress: Callable = lambda items: items) -> Allocation:
-    """Ratios per group meeting `target` (share of MACs kept) with the least measured damage."""
-    if not 0.0 < target <= 1.0:
-        raise UserInputError(f"the MACs budget must be in (0, 1], got {target:g}")
-    select_args = {**select_args, "importance": _cached_importance(
-        select_args.get("criterion", "whc"), select_args.get("seed", 0), select_args.get("importance"))}
-    exclude = select_args.get("exclude", ())
-    groups = [g for g in analysis.groups if g.prunable and not excluded_by(g, exclude)]
-    if samples is None:  # as many as the probe budget pays for: more images, steadier damage figures
-        per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
-        samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
-    feeds = {k: v[:samples] for k, v in calib.items()}
-    masked = MaskedModel(loaded, analysis, feeds, stats.mean)
-    grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
-    removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), select_args)
-    damage: dict[int, list[float]] = {}
-    for group in progress(groups):
-        damage[group.id] = [masked.damage(removals[group.id, r]) for r in PROBE_RATIOS]
-    levels, removed = {}, {}
-    for g in groups:  # the grid ratios at which the group really loses one more channel or more
-        levels[g.id], removed[g.id] = [0.0], [np.zeros(0, np.int64)]
-        for r in grid[1:]:
-            roots = removals[g.id, float(r)]
-            if len(roots) > len(removed[g.id][-1]):
-                levels[g.id].append(float(r))
-                removed[g.id].append(roots)
-    curves = {gid: np.maximum.accumulate(np.interp(levels[gid], (0.0,) + PROBE_RATIOS, [0.0] + d))
-              for gid, d in damage.items()}
-    macs = _MacsModel(loaded, analysis, removed)
-    state = {g.id: 0 for g in groups}
-    kept = macs.kept(state)
-    while kept > target:
-        best, best_cost, best_kept = None, np.inf, kept
-        for gid, k in state.items():
-            if k + 1 >= len(levels[gid]):
-                continue
-            trial = macs.kept({**state, gid: k + 1})
-            saved = kept - trial
-            if saved <= 0:
-                continue
-            cost = (curves[gid][k + 1] - curves[gid][k]) / saved
-            if cost < best_cost:
-                best, best_cost, best_kept = gid, cost, trial
-        if best is None:
+class Allocator:
+    """Damage curves measured once; then the greedy path of per-group steps, cut at any budget.
+
+    Each step of the path raises, by one grid level, the ratio of the group adding the least
+    damage per MAC saved. `allocation(target)` cuts the path where the model first keeps at most
+    `target` of the MACs, so an accuracy search can try many budgets for the probing of one.
+    """
+
+    def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray],
+                 select_args: dict, stats: ChannelStats, samples: int | None = None,
+                 progress: Callable = lambda items: items):
+        self.select_args = {**select_args, "importance": _cached_importance(
+            select_args.get("criterion", "whc"), select_args.get("seed", 0), select_args.get("importance"))}
+        exclude = select_args.get("exclude", ())
+        groups = [g for g in analysis.groups if g.prunable and not excluded_by(g, exclude)]
+        if samples is None:  # as many as the probe budget pays for: more images, steadier damage figures
+            per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
+            samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
+        masked = MaskedModel(loaded, analysis, {k: v[:samples] for k, v in feeds.items()}, stats.mean)
+        grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
+        removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), self.select_args)
+        self.damage = {group.id: [masked.damage(removals[group.id, r]) for r in PROBE_RATIOS]
+                       for group in progress(groups)}
+        self.levels, removed = {}, {}
+        for g in groups:  # the grid ratios at which the group really loses one more channel or more
+            self.levels[g.id], removed[g.id] = [0.0], [np.zeros(0, np.int64)]
+            for r in grid[1:]:
+                roots = removals[g.id, float(r)]
+                if len(roots) > len(removed[g.id][-1]):
+                    self.levels[g.id].append(float(r))
+                    removed[g.id].append(roots)
+        curves = {gid: np.maximum.accumulate(np.interp(self.levels[gid], (0.0,) + PROBE_RATIOS, [0.0] + d))
+                  for gid, d in self.damage.items()}
+        self.path = self._greedy_path(_MacsModel(loaded, analysis, removed), curves)
+
+    def _greedy_path(self, macs: _MacsModel, curves: dict) -> list[tuple[int | None, float]]:
+        """[(group stepped, MACs kept after the step)], from the unpruned model to the last possible step."""
+        state = {gid: 0 for gid in self.levels}
+        kept = macs.kept(state)
+        path = [(None, kept)]
+        while True:
+            best, best_cost, best_kept = None, np.inf, kept
+            for gid, k in state.items():
+                if k + 1 >= len(self.levels[gid]):
+                    continue
+                trial = macs.kept({**state, gid: k + 1})
+                saved = kept - trial
+                if saved <= 0:
+                    continue
+                cost = (curves[gid][k + 1] - curves[gid][k]) / saved
+                if cost < best_cost:
+                    best, best_cost, best_kept = gid, cost, trial
+            if best is None:
+                return path
+            state[best] += 1
+            kept = best_kept
+            path.append((best, kept))
+
+    @property
+    def smallest(self) -> float:
+        """The least share of the MACs the path reaches."""
+        return self.path[-1][1]
+
+    def allocation(self, target: float) -> Allocation:
+        """Ratios per group keeping at most `target` of the MACs, the least measured damage first."""
+        if not 0.0 < target <= 1.0:
+            raise UserInputError(f"the MACs budget must be in (0, 1], got {target:g}")
+        steps = next((i for i, (_, kept) in enumerate(self.path) if kept <= target), None)
+        if steps is None:
             raise UserInputError(f"the MACs budget {target:g} is out of reach with ratios up to "
-                                 f"{PROBE_RATIOS[-1]:g} per group (reached {kept:.1%}); "
+                                 f"{PROBE_RATIOS[-1]:g} per group (reached {self.smallest:.1%}); "
                                  "--no-allocate prunes every group at one ratio instead")
-        state[best] += 1
-        kept = best_kept
-    return Allocation({gid: levels[gid][k] for gid, k in state.items() if k}, kept, damage)
+        state = {gid: 0 for gid in self.levels}
+        for gid, _ in self.path[1:steps + 1]:
+            state[gid] += 1
+        ratios = {gid: self.levels[gid][k] for gid, k in state.items() if k}
+        return Allocation(ratios, self.path[steps][1], self.damage)
+
+    def plan(self, analysis: ChannelAnalysis, allocation: Allocation) -> PrunePlan:
+        return select(analysis, allocation.ratios, **self.select_args)
 
 
-def allocated_plan(loaded: LoadedModel, analysis: ChannelAnalysis, calib: dict[str, np.ndarray],
-                   stats: ChannelStats, ratio: float | None, target_macs: float | None, select_args: dict,
-                   progress: Callable = lambda items: items) -> tuple[PrunePlan, Allocation]:
+def allocated_plan(loaded: LoadedModel, analysis: ChannelAnalysis, allocator: Allocator, ratio: float | None,
+                   target_macs: float | None, select_args: dict) -> tuple[PrunePlan, Allocation]:
     """The plan for a budget: `target_macs`, or the MACs a uniform `ratio` would keep."""
     if target_macs is None:
         uniform = select(analysis, ratio, **select_args)
         target_macs = MacsEstimator(loaded, analysis).kept(uniform)
-    allocation = allocate(loaded, analysis, target_macs, calib, select_args, stats, progress=progress)
-    return select(analysis, allocation.ratios, **select_args), allocation
+    allocation = allocator.allocation(target_macs)
+    return allocator.plan(analysis, allocation), allocation

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .api import progress_bar
+from .progress import progress_bar
 from .errors import UserInputError, ValidationError
 from .load import load
 from .metrics import model_cost

@@ -1,9 +1,15 @@
-"""Load calibration inputs (a folder of images, an .npy or an .npz) for post-training recovery."""
+"""Calibration data for recovery, allocation and quality: loaded, checked, cast and split once.
+
+A `Calibration` comes from a folder of images, an .npy, an .npz or arrays given to the API, or,
+when the user has none and the model takes images, from built-in dead-leaves pictures
+(`onnx_whc.deadleaves`). It holds the samples the stages fit on, the held-out samples quality is
+measured on, and a sentence saying what they are, so every number can name its data.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +39,9 @@ class Preprocess:
     resize: int | None = None
     crop: int | None = None
     layout: str = "NCHW"
+    # With neither resize nor crop: resize the short side to size / crop_fraction, then crop the
+    # model's (square) input size: the ImageNet evaluation recipe (0.875: 256 -> 224).
+    crop_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("NCHW", "NHWC"):
@@ -45,6 +54,139 @@ class Preprocess:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserInputError(f"{name} must be a positive number of pixels, got {value}")
+
+
+# name -> (mean, std, resize rule): "crop" resizes the short side to size / 0.875 and crops the model's
+# input size (the ImageNet evaluation recipe); "fit" resizes straight to the input size.
+PRESETS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "crop"),  # torchvision classifiers
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "crop"),  # [-1, 1]: TF/Keras, EfficientNet-Lite
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "fit"),  # CIFAR-10's own statistics
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "fit"),  # x / 255 only: YOLO and most detectors
+}
+SYNTHETIC_SAMPLES = 320  # dead-leaves images made when the user gives no calibration data
+MAX_HELD_OUT = 256  # calibration samples kept apart for the quality figures
+
+
+def preset_preprocess(name: str | None, layout: str = "NCHW", mean=None, std=None, resize=None,
+                      crop=None) -> Preprocess:
+    """A `Preprocess` from a preset name (None or "none": the defaults), explicit values overriding it."""
+    if name not in (None, "none", *PRESETS):
+        raise UserInputError(f"unknown --calib-preset '{name}' (choose from none, {', '.join(PRESETS)})")
+    base_mean, base_std, rule = PRESETS.get(name, (Preprocess.mean, Preprocess.std, "fit"))
+    fraction = 0.875 if rule == "crop" else None
+    return Preprocess(tuple(mean or base_mean), tuple(std or base_std), resize, crop, layout, fraction)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Samples keyed by input name, in the model's input types, and what they are.
+
+    `fit` feeds statistics, allocation and recovery; `held` is kept apart for measuring quality
+    (empty when there were too few samples to spare any: quality then says it is measured on `fit`).
+    """
+
+    fit: dict[str, np.ndarray]
+    held: dict[str, np.ndarray]
+    source: str  # e.g. "500 images from calib/", "320 built-in synthetic dead-leaves images"
+    synthetic: bool = False
+
+    @property
+    def fit_count(self) -> int:
+        return len(next(iter(self.fit.values())))
+
+    @property
+    def held_count(self) -> int:
+        return len(next(iter(self.held.values()))) if self.held else 0
+
+    @property
+    def quality_feeds(self) -> dict[str, np.ndarray]:
+        return self.held or self.fit
+
+    @property
+    def quality_on(self) -> str:
+        if self.held:
+            return f"{self.held_count} held-out samples of {self.source} (not used for fitting)"
+        return f"the {self.fit_count} fitting samples of {self.source} (too few to hold any out)"
+
+    @classmethod
+    def of(cls, samples: dict[str, np.ndarray], source: str, synthetic: bool = False) -> "Calibration":
+        """Split `samples`: a fifth (at most MAX_HELD_OUT, none below 10 samples) held out, from the end."""
+        count = len(next(iter(samples.values())))
+        held = min(MAX_HELD_OUT, count // 5) if count >= 10 else 0
+        fit = {k: v[:count - held] for k, v in samples.items()}
+        return cls(fit, {k: v[count - held:] for k, v in samples.items()} if held else {}, source, synthetic)
+
+
+def make_calibration(calib, input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
+                     size: int | None = None, preprocess: Preprocess | None = None,
+                     seed: int = 0) -> Calibration:
+    """The user's calibration data (a path, or arrays keyed by input name), checked and cast once."""
+    preprocess = preprocess or Preprocess()
+    if isinstance(calib, (str, os.PathLike)):
+        arrays = load_calibration(calib, input_shapes, size, preprocess, seed)
+        path = Path(calib)
+        what = "images" if path.is_dir() else "samples"
+        source = f"{len(next(iter(arrays.values())))} {what} from {path}"
+    else:
+        arrays = {name: array[:size] for name, array in check_arrays(calib, input_shapes).items()}
+        source = f"{len(next(iter(arrays.values())))} given samples"
+    return Calibration.of(_cast(arrays, input_types), source)
+
+
+def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
+                          preprocess: Preprocess | None = None, seed: int = 0,
+                          count: int = SYNTHETIC_SAMPLES) -> tuple[Calibration | None, str]:
+    """Dead-leaves images for an image-like single input, or (None, why not)."""
+    from .deadleaves import dead_leaves  # PIL drawing: only when needed
+
+    preprocess = preprocess or Preprocess()
+    if len(input_shapes) != 1:
+        return None, "the model has several inputs"
+    name, shape = next(iter(input_shapes.items()))
+    if len(shape) != 4 or not np.issubdtype(input_types.get(name, np.float32), np.floating):
+        return None, f"input '{name}' of shape {_format_shape(shape)} is not an image"
+    channels, h, w = (shape[3], shape[1], shape[2]) if preprocess.layout == "NHWC" else shape[1:4]
+    if not all(_is_static(d) for d in (channels, h, w)):
+        return None, f"input '{name}' has a dynamic size {_format_shape(shape)}; give --input-shape or --calib"
+    if channels not in (1, 3) or min(h, w) < 16:
+        return None, f"input '{name}' of shape {_format_shape(shape)} is not an image (1 or 3 channels, 16 px or more)"
+    pixels = dead_leaves(count, int(h), int(w), seed)
+    batch = normalize(pixels, preprocess)
+    if channels == 1:  # grey: luminance of the RGB leaves, normalised with the first mean and std
+        luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        grey = (luma[..., None] / 255 - preprocess.mean[0]) / preprocess.std[0]
+        batch = grey if preprocess.layout == "NHWC" else grey.transpose(0, 3, 1, 2)
+    source = f"{count} built-in synthetic dead-leaves images (no --calib given)"
+    return Calibration.of(_cast({name: np.ascontiguousarray(batch, np.float32)}, input_types), source, True), ""
+
+
+def check_arrays(calib, input_shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Arrays given to the API, keyed by input name (a bare array for single-input models), checked."""
+    if not isinstance(calib, dict):
+        if len(input_shapes) != 1:
+            raise UserInputError(f"calibration data must be keyed by input name ({', '.join(input_shapes)})")
+        calib = {next(iter(input_shapes)): calib}
+    missing = [name for name in input_shapes if name not in calib]
+    if missing:
+        raise UserInputError(f"calibration data has no array for model input '{missing[0]}'")
+    arrays = {name: np.asarray(calib[name]) for name in input_shapes}
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise UserInputError(f"calibration array '{name}' has dtype {array.dtype}, expected float32")
+        if not _fits(array.shape, input_shapes[name]):
+            want = "x".join(["N", *(str(d) if _is_static(d) else "?" for d in input_shapes[name][1:])])
+            raise UserInputError(f"calibration array '{name}' has shape {'x'.join(map(str, array.shape))}, "
+                                 f"the model input needs {want}")
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise UserInputError("calibration arrays must hold the same, non-zero number of samples")
+    return arrays
+
+
+def _cast(arrays: dict[str, np.ndarray], types: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """Arrays in the element types the model's inputs declare (float16 models take float16)."""
+    return {name: a.astype(types.get(name, np.float32), copy=False) for name, a in arrays.items()}
 
 
 def load_calibration(
@@ -206,6 +348,7 @@ def _load_folder(
         paths = [paths[i] for i in sorted(keep)]
     h, w = shape[1:3] if preprocess.layout == "NHWC" else shape[2:4]
     size_hw = (h, w) if _is_static(h) and _is_static(w) else None
+    preprocess = _sized_for(preprocess, h, w)
     try:
         batch = load_images(paths, preprocess, size_hw)
     except UserInputError as err:
@@ -216,6 +359,14 @@ def _load_folder(
             f"model input {name!r} of shape {_format_shape(shape)}; adjust resize or crop"
         )
     return batch
+
+
+def _sized_for(preprocess: Preprocess, h, w) -> Preprocess:
+    """A preset's crop rule made concrete for a square, static input size (else `preprocess` as it is)."""
+    if preprocess.crop_fraction and preprocess.resize is None and preprocess.crop is None \
+            and _is_static(h) and h == w:
+        return replace(preprocess, resize=int(round(h / preprocess.crop_fraction)), crop=int(h))
+    return preprocess
 
 
 def _read_arrays(path: Path, input_shapes: dict[str, tuple], where: str) -> dict[str, np.ndarray]:
@@ -286,3 +437,43 @@ def _format_shape(shape: tuple) -> str:
     """(batch, 3, 32, 32): static dims as numbers, dynamic ones by name or '?'."""
     dims = [str(d) if d is not None else "?" for d in shape]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def load_labelled(path: str | os.PathLike, input_shapes: dict[str, tuple], preprocess: Preprocess | None = None,
+                  input_types: dict[str, np.dtype] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """A labelled image set for top-1 (`--eval`): (inputs by name, labels, what it is).
+
+    `path` is a folder with one subfolder per class (ImageNet style: classes numbered in sorted
+    order), or a CSV with `file` and `label` columns (files relative to the CSV); when the CSV
+    has a `split` column, only its eval/val/test rows are used, never calibration rows.
+    """
+    import csv
+
+    path, where = Path(path), f"--eval {path}"
+    preprocess = preprocess or Preprocess()
+    if path.is_dir():
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        items = [(image, label) for label, name in enumerate(classes) for image in find_images(path / name)]
+    elif path.suffix.lower() == ".csv" and path.is_file():
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or not {"file", "label"} <= set(rows[0]):
+            raise UserInputError(f"{where}: a CSV needs 'file' and 'label' columns")
+        rows = [r for r in rows if r.get("split", "eval").lower() in ("eval", "val", "test")]
+        try:
+            items = [(path.parent / r["file"], int(r["label"])) for r in rows]
+        except ValueError:
+            raise UserInputError(f"{where}: labels must be class numbers") from None
+    else:
+        raise UserInputError(f"{where}: not a folder of class folders or a .csv")
+    if not items:
+        raise UserInputError(f"{where}: no labelled images found")
+    name, shape = _single_input(input_shapes, where, "a labelled image set")
+    h, w = shape[1:3] if preprocess.layout == "NHWC" else shape[2:4]
+    preprocess = _sized_for(preprocess, h, w)
+    try:
+        batch = load_images([p for p, _ in items], preprocess, (h, w))
+    except UserInputError as err:
+        raise UserInputError(f"{where}: {err}") from None
+    inputs = _cast({name: batch}, input_types or {})
+    return inputs, np.array([label for _, label in items]), f"{len(items)} labelled images from {path}"

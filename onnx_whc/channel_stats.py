@@ -14,7 +14,7 @@ from .dependency import ChannelAnalysis
 from .equivalence import export
 from .load import LoadedModel
 from .ops import consumer_weight_axis
-from .recovery.replay import cast_to_inputs, samples_per_run, session
+from .recovery.replay import samples_per_run, session
 
 MAX_SAMPLES = 256  # calibration images: channel moments settle well before this
 
@@ -38,7 +38,7 @@ def channel_stats(loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[st
     tensors = graph.tensors()
     graph.outputs += [tensors[name] for name in names if tensors[name] not in graph.outputs]
     model = export(graph, loaded)
-    feeds = cast_to_inputs(model, {k: v[:MAX_SAMPLES] for k, v in feeds.items()})
+    feeds = {k: v[:MAX_SAMPLES] for k, v in feeds.items()}  # already in the inputs' types (Calibration)
     sess, chunk = session(model), samples_per_run(model, loaded.shapes)
     sums = {n: 0.0 for n in names}
     squares = {n: 0.0 for n in names}

@@ -14,9 +14,12 @@ import click
 from . import __version__
 from .api import analyze as analyze_model
 from .api import prune as prune_model
-from .api import CRITERION_NAMES, DEFAULT_ROUND_TO, check_writable, copy_unchanged, external_data_files, same_file, save
+from .api import sweep as sweep_model
+from .api import CRITERION_NAMES, DEFAULT_ROUND_TO
+from .storage import check_writable, copy_unchanged, external_data_files, same_file, save
 from .bench import compare, parse_batches
-from .calibration import Preprocess
+from .api import QualityFloor
+from .calibration import PRESETS, preset_preprocess
 from .errors import OnnxWhcError, UserInputError
 from .recover import METHODS, RecoverySettings
 
@@ -50,21 +53,36 @@ _CALIBRATION_OPTIONS = [
                  "images, an .npy (N x C x H x W float32, used as-is) or an .npz keyed by input name."),
     click.option("--calib-size", type=int, default=1000, show_default=True,
                  help="Calibration samples used: a seeded random subset of a folder, the first rows of an array."),
-    click.option("--mean", default="0.485,0.456,0.406", show_default=True,
-                 help="Per-channel RGB mean subtracted from images scaled to [0, 1]."),
-    click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Per-channel RGB std divided by."),
+    click.option("--calib-preset", type=click.Choice(["none", *PRESETS]), default="none", show_default=True,
+                 help="Preprocessing of common model families, for --calib images and the built-in synthetic "
+                 "ones: imagenet (ImageNet mean/std, resize to size/0.875, centre crop), inception (mean = std "
+                 "= 0.5, same crop: TF/Keras, EfficientNet-Lite), cifar (CIFAR-10 mean/std), unit (x/255 only: "
+                 "YOLO). --mean/--std/--resize/--crop override it."),
+    click.option("--mean", metavar="M,M,M", help="Per-channel RGB mean subtracted from images scaled to [0, 1].  "
+                 "[default: the preset's, else 0.485,0.456,0.406]"),
+    click.option("--std", metavar="S,S,S", help="Per-channel RGB std divided by.  "
+                 "[default: the preset's, else 0.229,0.224,0.225]"),
+    click.option("--synthetic/--no-synthetic", default=True, show_default=True,
+                 help="Without --calib, recover and measure on built-in synthetic dead-leaves images when the "
+                 "model takes images."),
     click.option("--resize", type=int, help="Scale images' short side to this many pixels (bilinear). "
                  "Without --resize/--crop, images are resized to the model's input size."),
     click.option("--crop", type=int, help="Centre-crop a square of this size (after --resize)."),
     click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
                  help="Layout of the model's image input."),
+    click.option("--eval", "eval_set", type=click.Path(exists=True),
+                 help="Labelled images for top-1 before and after: a folder of class folders (ImageNet style, "
+                 "classes in sorted order) or a CSV with file,label columns (rows of a 'split' column other than "
+                 "eval/val/test are skipped)."),
     click.option("--recover", "recover", type=click.Choice(METHODS), default="auto", show_default=True,
-                 help="Post-pruning recovery without training. auto: lsq with --calib, none without; "
+                 help="Post-pruning recovery without training. auto: lsq with calibration data (--calib, or "
+                 "the built-in synthetic images), none without; "
                  "lsq: per-layer least squares against the original's outputs; stats: match output mean/std; "
                  "bias: data-free bias compensation."),
     click.option("--allocate/--no-allocate", default=None,
                  help="Spend the MACs budget of --ratio/--target-macs per group where calibration shows the "
-                 "least damage, instead of one uniform ratio.  [default: on with --calib]"),
+                 "least damage, instead of one uniform ratio.  [default: on with calibration data, unless "
+                 "--recover none without --calib]"),
     click.option("--recover-samples", type=int, default=RecoverySettings.samples, show_default=True,
                  help="Sampled output positions per layer for lsq/stats (memory and time grow with it)."),
 ]
@@ -117,8 +135,15 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 
 @main.command(cls=_Command)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--ratio", "-r", help="Share of channels removed from every group, in [0, 1).  [default: 0.4]")
-@click.option("--target-macs", help="Instead of --ratio: prune until at most this share of MACs is left, in (0, 1].")
+@click.option("--ratio", "-r", metavar="R",
+              help="Share of channels removed from every group, in [0, 1).  [default: 0.4]")
+@click.option("--target-macs", metavar="F",
+              help="Instead of --ratio: prune until at most this share of MACs is left, in (0, 1].")
+@click.option("--min-agreement", type=float, metavar="A",
+              help="Instead of a budget: prune as far as the recovered model keeps at least this top-1 agreement "
+              "with the original on held-out samples (classifier outputs).")
+@click.option("--min-r2", type=float, metavar="R",
+              help="Like --min-agreement, for dense outputs: mean per-channel explained variance at least R.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
 @click.option("--criterion", "-c", type=click.Choice(CRITERION_NAMES), default="auto",
               show_default=True, help="Filter score. auto: whc, or energy with --calib. whc+ weighs WHC by the norm "
@@ -132,8 +157,9 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--provider", help="ONNX Runtime provider for validation (cuda or cpu; default: the best available).")
 @_input_shape
 @_calibration_options
-def prune(model, ratio, target_macs, output, criterion, exclude, round_to, report_path, no_validate, seed, provider,
-          input_shape, calib, calib_size, mean, std, resize, crop, layout, recover, allocate, recover_samples):
+def prune(model, ratio, target_macs, min_agreement, min_r2, output, criterion, exclude, round_to, report_path,
+          no_validate, seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
+          layout, eval_set, recover, allocate, recover_samples):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
@@ -143,15 +169,18 @@ def prune(model, ratio, target_macs, output, criterion, exclude, round_to, repor
     for option, path in (("-o", output), ("--report", report_path)):
         if path:
             check_writable(option, path)  # before the work, not after it
+    shapes = parse_input_shapes(input_shape)
     pruned, report = prune_model(model, ratio=ratio, target_macs=target_macs, criterion=criterion, exclude=exclude,
-                                 round_to=round_to, seed=seed, validate=not no_validate,
-                                 input_shapes=parse_input_shapes(input_shape), provider=provider, progress=True,
-                                 recover=recover, calib=calib, calib_size=calib_size, allocate=allocate,
-                                 preprocess=Preprocess(parse_triple("--mean", mean), parse_triple("--std", std),
-                                                       resize, crop, layout),
-                                 recovery_settings=RecoverySettings(samples=recover_samples))
+                                 round_to=round_to, seed=seed, validate=not no_validate, input_shapes=shapes,
+                                 provider=provider, progress=True, recover=recover, calib=calib, calib_size=calib_size,
+                                 allocate=allocate, synthetic=synthetic, eval_set=eval_set,
+                                 preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout),
+                                 recovery_settings=RecoverySettings(samples=recover_samples),
+                                 floor=QualityFloor(_unit("--min-agreement", min_agreement), _r2(min_r2)))
     removed = sum(len(g.removed) for g in report.groups)
     click.echo(report.summary())
+    if report.warning:
+        click.echo(report.warning, err=True)
     if report_path:
         _write_text(report_path, report.to_json())
     if removed == 0:
@@ -165,6 +194,55 @@ def prune(model, ratio, target_macs, output, criterion, exclude, round_to, repor
     else:
         save(pruned, output)
         click.echo(f"wrote {output}")
+
+
+@main.command(cls=_Command)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--budgets", default="0.9,0.8,0.7,0.6,0.5", show_default=True, metavar="F,F,...",
+              help="Shares of the MACs to keep, comma-separated.")
+@click.option("--output", "-o", "prefix", default="sweep", show_default=True, metavar="PREFIX",
+              help="Writes PREFIX.md, PREFIX.json and PREFIX.png (quality against MACs kept and latency).")
+@click.option("--criterion", "-c", type=click.Choice(CRITERION_NAMES), default="auto", show_default=True)
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches.")
+@click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--provider", help="ONNX Runtime provider for the latency (cuda or cpu; default: the best available).")
+@_input_shape
+@_calibration_options
+def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, input_shape, calib, calib_size,
+          calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples):
+    """Prune at several MACs budgets and tabulate quality, latency and top-1, with a plot."""
+    for suffix in (".md", ".json", ".png"):
+        check_writable("-o", prefix + suffix)
+    result = sweep_model(model, [b for b in budgets.split(",") if b.strip()], criterion=criterion, exclude=exclude,
+                         round_to=round_to, seed=seed, input_shapes=parse_input_shapes(input_shape),
+                         provider=provider, progress=True, recover=recover, calib=calib, calib_size=calib_size,
+                         preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout), allocate=allocate,
+                         recovery_settings=RecoverySettings(samples=recover_samples), synthetic=synthetic,
+                         eval_set=eval_set)
+    markdown = result.to_markdown()
+    click.echo(markdown)
+    _write_text(prefix + ".md", markdown, "-o")
+    _write_text(prefix + ".json", json.dumps(result.to_dict(), indent=2), "-o")
+    result.plot(prefix + ".png")
+    click.echo(f"wrote {prefix}.md, {prefix}.json and {prefix}.png")
+
+
+def _preprocess(preset, mean, std, resize, crop, layout):
+    return preset_preprocess(preset, layout, mean and parse_triple("--mean", mean), std and parse_triple("--std", std),
+                             resize, crop)
+
+
+def _unit(option: str, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise UserInputError(f"{option} must be in [0, 1], got {value:g}")
+    return value
+
+
+def _r2(value: float | None) -> float | None:
+    if value is not None and value > 1.0:
+        raise UserInputError(f"--min-r2 must be at most 1, got {value:g}")
+    return value
 
 
 def _why_nothing(report) -> str:

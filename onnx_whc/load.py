@@ -19,6 +19,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from .errors import UserInputError
+from . import storage
 from .storage import fits_protobuf
 
 ort.set_default_logger_severity(3)  # constant folding runs ORT; its warnings are noise here
@@ -85,13 +86,28 @@ def _load_external_data(model: onnx.ModelProto, path: str) -> None:
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if onnx.external_data_helper.uses_external_data(tensor):
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            problem = storage.external_location_problem(base, location)
+            if problem:  # checked here, before onnx opens anything
+                raise UserInputError(f"{path}: its external data {_quote(location)} (tensor {_quote(tensor.name)}) "
+                                     f"{problem}; onnx refuses to read it")
             if not os.path.exists(os.path.join(base, location)):
                 raise UserInputError(
-                    f"{path}: external data file '{location}' for tensor '{tensor.name}' is missing")
+                    f"{path}: external data file {_quote(location)} for tensor {_quote(tensor.name)} is missing")
     try:
         onnx.load_external_data_for_model(model, base)
     except (OSError, ValueError) as err:
         raise UserInputError(f"{path}: cannot read external data ({_first_line(err)})") from None
+    except onnx.checker.ValidationError as err:  # onnx's own refusal: a link, a path it will not follow
+        raise UserInputError(f"{path}: onnx refuses to read its external data ({_one_line(err)})") from None
+
+
+def _quote(text: str) -> str:
+    """Text from the model, quoted on one line (control characters escaped)."""
+    return f"'{text}'" if text.isprintable() else ascii(text)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
 
 
 _UNCHECKED = object()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from .dependency import ChannelAnalysis
 from .metrics import Cost, node_macs
+from .quality import OutputQuality
 from .select import PrunePlan
 from .validate import Validation
 
@@ -58,6 +59,12 @@ class PruneReport:
     seconds: dict = field(default_factory=dict)
     target_macs: float | None = None  # the MACs budget the ratio was chosen for, if any
     allocation: dict | None = None  # per-group ratios chosen from calibration sensitivity (--allocate)
+    calibration: str | None = None  # what data drove allocation and recovery, or why there was none
+    quality: dict | None = None  # output name -> {"kind", "metric", "value", "cosine", ...} (onnx_whc.quality)
+    quality_on: str | None = None  # the inputs quality was measured on
+    warning: str | None = None  # one line for stderr when the quality falls below its threshold
+    search: dict | None = None  # --min-agreement / --min-r2: every probe of the budget search
+    top1: dict | None = None  # --eval: {"before", "after", "on"} on the user's labelled images
 
     @property
     def macs_kept(self) -> float:
@@ -95,15 +102,35 @@ class PruneReport:
             ratios = self.allocation["ratios"]
             lines.append(f"allocated by calibration sensitivity: {len(ratios)} groups pruned, ratios "
                          f"{min(ratios.values(), default=0):g}..{max(ratios.values(), default=0):g}")
+        if self.search:
+            probes = ", ".join(f"{p['macs_kept']:.1%} {'ok' if p['passed'] else 'below'}" for p in self.search["probes"])
+            lines.append(f"quality floor {_floor(self.search['floor'])}: {len(self.search['probes'])} probes "
+                         f"(MACs kept: {probes}); chose {self.search['chosen_macs_kept']:.1%}")
+        lines.append(f"calibration: {self.calibration}")
         if self.recovery:
             lines.append(f"recovery {self.recovery.get('method')}: {self.recovery.get('summary', '')}")
+        if self.quality:
+            lines.append(f"quality vs the original, on {self.quality_on}:")
+            for name, q in self.quality.items():
+                cos = "n/a" if q["cosine"] is None else f"{q['cosine']:.4f}"
+                lines.append(f"  {name}  {q['kind']:10s}  {describe(q)}  (cosine {cos})")
+        if self.top1:
+            lines.append(f"top-1 on {self.top1['on']}: {self.top1['before']:.2%} -> {self.top1['after']:.2%}")
         if self.validation:
             v = self.validation
-            fid = ", ".join(f"{k} {c:.4f}" for k, c in v["fidelity"].items())
-            lines.append(f"fidelity (cosine vs original): {fid}")
             lines.append(f"latency  {v['latency_ms_before']:.2f} ms -> {v['latency_ms_after']:.2f} ms "
                          f"({v['speedup']:.2f}x, {v['provider']}, batch 1, median)")
         return "\n".join(lines)
+
+
+def describe(q: dict) -> str:
+    """One output's quality from its JSON form, as `OutputQuality.describe` words it."""
+    details = {k: v for k, v in q.items() if k not in ("kind", "metric", "value", "cosine")}
+    return OutputQuality(q["kind"], q["metric"], q["value"], q["cosine"], details).describe()
+
+
+def _floor(floor: dict) -> str:
+    return ", ".join(f"{'agreement' if k == 'agreement' else 'R²'} >= {v:g}" for k, v in floor.items() if v is not None)
 
 
 def group_reports(analysis: ChannelAnalysis, shapes: dict, total_macs: int, graph,
@@ -145,3 +172,68 @@ def validation_dict(v: Validation) -> dict:
     data = asdict(v)
     data["speedup"] = v.speedup
     return data
+
+
+@dataclass
+class SweepRow:
+    budget: float  # MACs budget asked for
+    macs_kept: float  # what the pruned model keeps
+    latency_ms_before: float
+    latency_ms_after: float
+    quality: dict  # as PruneReport.quality
+    top1: float | None  # on the labelled set, when given
+    seconds: float
+
+
+@dataclass
+class SweepReport:
+    rows: list[SweepRow]
+    quality_on: str
+    calibration: str
+    provider: str
+    top1_original: float | None = None
+    top1_on: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        outputs = list(self.rows[0].quality) if self.rows else []
+        header = ["budget", "MACs kept", "latency ms", "speedup", *[f"{o} ({self.rows[0].quality[o]['metric']})"
+                                                                      for o in outputs], "cosine", "seconds"]
+        if self.top1_on:
+            header.insert(4, "top-1")
+        lines = [f"# Sweep: quality and speed by MACs budget", "",
+                 f"Quality vs the original on {self.quality_on}; calibration: {self.calibration}; latency: "
+                 f"{self.provider}, batch 1, median (original {self.rows[0].latency_ms_before:.2f} ms)."
+                 if self.rows else "", ""]
+        if self.top1_on:
+            lines += [f"Top-1 on {self.top1_on}: original {self.top1_original:.2%}.", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in self.rows:
+            cells = [f"{r.budget:g}", f"{r.macs_kept:.3f}", f"{r.latency_ms_after:.2f}",
+                     f"{r.latency_ms_before / r.latency_ms_after:.2f}x",
+                     *[describe(r.quality[o]) for o in outputs],
+                     ", ".join("n/a" if q["cosine"] is None else f"{q['cosine']:.4f}" for q in r.quality.values()),
+                     f"{r.seconds:.1f}"]
+            if self.top1_on:
+                cells.insert(4, f"{r.top1:.2%}")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> None:
+        """Quality (and top-1) against MACs kept and against latency: pick the operating point from it."""
+        from .plot import line_charts
+
+        series = {}
+        for output in (self.rows[0].quality if self.rows else {}):
+            metric = self.rows[0].quality[output]["metric"]
+            series[f"{output} {metric}"] = [(r, r_q) for r, r_q in
+                                            ((row, row.quality[output]["value"]) for row in self.rows)]
+        if self.top1_on:
+            series["top-1"] = [(row, row.top1) for row in self.rows]
+        by_macs = {k: [(row.macs_kept, v) for row, v in pts] for k, pts in series.items()}
+        by_latency = {k: [(row.latency_ms_after, v) for row, v in pts] for k, pts in series.items()}
+        line_charts([{"x": "share of MACs kept", "y": "quality vs original", "series": by_macs},
+                     {"x": f"latency ms ({self.provider}, batch 1)", "y": "quality vs original", "series": by_latency}],
+                    path, f"quality on {self.quality_on}")

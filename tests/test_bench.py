@@ -144,12 +144,12 @@ def test_macs_estimate_from_the_plan_equals_the_pruned_model(ratio, round_to):
 
 @pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
 def test_target_macs_meets_the_budget_with_the_smallest_ratio(target):
-    pruned, report = api.prune(RESNET20, target_macs=target, round_to=1, validate=False)
+    pruned, report = api.prune(RESNET20, target_macs=target, round_to=1, validate=False, recover="none")
     assert report.macs_kept <= target
     assert report.target_macs == target
     assert f"target MACs {target:.1%}: chose ratio {report.ratio:g}" in report.summary()
     # The model returned is the one the chosen ratio gives ...
-    _, by_ratio = api.prune(RESNET20, ratio=report.ratio, round_to=1, validate=False)
+    _, by_ratio = api.prune(RESNET20, ratio=report.ratio, round_to=1, validate=False, recover="none")
     assert by_ratio.after == report.after
     # ... and one grid step less would miss the budget.
     _, real = _real_macs(RESNET20, round(report.ratio - 1e-4, 4))
@@ -166,7 +166,7 @@ def test_target_macs_on_a_built_net_and_an_unreachable_budget():
 
 
 def test_target_macs_one_keeps_everything():
-    _, report = api.prune(RESNET20, target_macs=1.0, validate=False)
+    _, report = api.prune(RESNET20, target_macs=1.0, validate=False, recover="none")
     assert report.ratio == 0 and report.macs_kept == 1.0
 
 
@@ -180,17 +180,17 @@ def test_cli_ratio_and_target_macs_are_exclusive(tmp_path):
 def test_cli_target_macs_writes_a_model_within_budget(tmp_path):
     out = tmp_path / "r20.onnx"
     result = CliRunner().invoke(main, ["prune", str(RESNET20), "--target-macs", "0.5", "--round-to", "1",
-                                       "--no-validate", "-o", str(out)])
+                                       "--no-validate", "--recover", "none", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "target MACs 50.0%" in result.output
     original, pruned = load(RESNET20), load(out)
     kept = model_cost(pruned.graph, pruned.shapes).macs / model_cost(original.graph, original.shapes).macs
-    _, report = api.prune(RESNET20, target_macs=0.5, round_to=1, validate=False)
+    _, report = api.prune(RESNET20, target_macs=0.5, round_to=1, validate=False, recover="none")
     assert kept == pytest.approx(report.macs_kept) and kept <= 0.5
 
 
 def test_target_macs_with_the_default_rounding_still_meets_the_budget():
-    _, report = api.prune(RESNET20, target_macs=0.5, validate=False)
+    _, report = api.prune(RESNET20, target_macs=0.5, validate=False, recover="none")
     assert report.round_to == api.DEFAULT_ROUND_TO and report.macs_kept <= 0.5
 
 

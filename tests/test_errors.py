@@ -148,6 +148,79 @@ def test_external_data_file_missing(tmp_path):
     assert "external data file 'ext.weights'" in line and "missing" in line
 
 
+def _linked_outside(folder: Path, data: Path) -> str:
+    os.symlink(os.path.join("..", data.name), folder / "link.bin")
+    return "link.bin"
+
+
+# How a model names weights that sit outside its folder, and what the error line then says.
+OUTSIDE_LOCATIONS = {
+    "parent": (lambda folder, data: "../outside.bin", "lies outside the model's folder"),
+    "nested-parent": (lambda folder, data: "sub/../../outside.bin", "lies outside the model's folder"),
+    "absolute": (lambda folder, data: str(data), "is an absolute path, not a file inside the model's folder"),
+    "symlink": (_linked_outside, "lies outside the model's folder (through a symbolic link)"),
+}
+
+
+def external_outside(tmp_path: Path, how: str) -> tuple[Path, Path, str]:
+    """A model in tmp/model/ whose weights are tmp/outside.bin, reached as OUTSIDE_LOCATIONS[how] says."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save(small_net().model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    data = tmp_path / "outside.bin"
+    (folder / "w.bin").rename(data)
+    location = OUTSIDE_LOCATIONS[how][0](folder, data)
+    model = onnx.load(path, load_external_data=False)
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, path)
+    return path, data, location
+
+
+@pytest.mark.parametrize("how", sorted(OUTSIDE_LOCATIONS))
+def test_external_data_outside_the_model_folder(tmp_path, how):
+    """onnx refuses such weights: bad input (exit 2, one line), never an internal error, nothing touched."""
+    path, data, location = external_outside(tmp_path, how)
+    before = digest(path), digest(data)
+    out = tmp_path / "out.onnx"
+    for args in (["prune", path], ["prune", path, "-o", out], ["prune", path, "-o", data], ["analyze", path]):
+        line = error_line(cli(*args), 2)
+        assert line == (f"error: {path}: its external data '{location}' (tensor 'w_1') "
+                        f"{OUTSIDE_LOCATIONS[how][1]}; onnx refuses to read it")
+    assert (digest(path), digest(data)) == before
+    assert not out.exists() and leftovers(tmp_path) == [] and leftovers(path.parent) == []
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute"])
+def test_onnx_refusing_external_data_is_bad_input(tmp_path, how, monkeypatch):
+    """Should onnx refuse a location our own check lets through, its refusal is still one line, exit 2."""
+    path, data, location = external_outside(tmp_path, how)
+    monkeypatch.setattr("onnx_whc.storage.external_location_problem", lambda folder, location: None)
+    line = error_line(cli("prune", path), 2)
+    assert line.startswith(f"error: {path}: onnx refuses to read its external data (")
+    assert location in line
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin", "a\0b", ""])
+def test_external_data_files_skips_locations_outside(tmp_path, location):
+    """The -o safety check lists only weights loading would read, and never fails on odd locations."""
+    path = tmp_path / "m.onnx"
+    onnx.save(small_net().model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    assert onnx_whc.storage.external_data_files(str(path)) == [str(tmp_path / "w.bin")]
+    model = onnx.load(path, load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if onnx.external_data_helper.uses_external_data(t))
+    next(e for e in tensor.external_data if e.key == "location").value = location
+    onnx.save(model, path)
+    assert onnx_whc.storage.external_data_files(str(path)) == [str(tmp_path / "w.bin")]  # the other tensors'
+    line = error_line(cli("prune", path, "-o", tmp_path / "out.onnx"), 2)
+    assert line.startswith(f"error: {path}: ")
+
+
 def test_folder_as_model(tmp_path):
     result = cli("prune", tmp_path)
     assert result.exit_code == 2 and "is a directory" in result.stderr and "Traceback" not in result.output
@@ -396,7 +469,7 @@ def test_internal_error_is_one_line(model_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("index 7 out of range\nmore detail")
 
-    monkeypatch.setattr(onnx_whc.api, "analyze_channels", broken)
+    monkeypatch.setattr(onnx_whc.pipeline, "analyze_channels", broken)
     line = error_line(cli("prune", model_path), 3)
     assert line.startswith("error: internal error (RuntimeError: index 7 out of range); please report it")
 
@@ -404,7 +477,9 @@ def test_internal_error_is_one_line(model_path, monkeypatch):
 @pytest.mark.parametrize("make", [
     lambda tmp: tmp / "missing.onnx",
     lambda tmp: (tmp / "junk.onnx").write_bytes(b"\x08\x96\x01 junk") and tmp / "junk.onnx",
-], ids=["missing", "junk"])
+    lambda tmp: external_outside(tmp, "parent")[0],
+    lambda tmp: external_outside(tmp, "absolute")[0],
+], ids=["missing", "junk", "external-data-parent", "external-data-absolute"])
 def test_real_entry_point_prints_one_line(tmp_path, make):
     """The installed command, in its own process: exit code 2 and one line, no traceback."""
     path = make(tmp_path)

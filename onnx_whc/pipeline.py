@@ -1,0 +1,158 @@
+"""The stages every prune shares, set up once: load, analyse, calibrate, score, allocate, recover.
+
+`Pipeline` holds what the stages hand each other (the loaded model and its channel analysis, the
+one `Calibration`, the quality probe, the allocator) so that `prune`, the accuracy-aware search
+and `sweep` can each cut as many plans as they need from one analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import recover as recovery
+from .allocate import Allocator, allocated_plan
+from .budget import fit_ratio
+from .calibration import make_calibration, synthetic_calibration
+from .channel_stats import channel_stats
+from .criteria import CRITERIA
+from .dependency import analyze_channels
+from .equivalence import export, release_weights
+from .errors import UserInputError
+from .load import LoadedModel, infer_static_shapes, load, return_freed_memory
+from .metrics import Cost, model_cost
+from .progress import progress_bar
+from .quality import QualityProbe
+from .recovery.replay import samples_per_run
+from .select import CONSUMER_AWARE, DATA_AWARE, PrunePlan, consumer_aware_importance, energy_importance, select
+from .surgery import apply_plan
+
+CRITERION_NAMES = ("auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE)
+
+
+def resolve_criterion(criterion: str, has_calibration: bool) -> str:
+    """`auto`: `energy` when calibration data drives the prune (measured better after recovery), else
+    the paper's WHC."""
+    if criterion not in CRITERION_NAMES:
+        raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERION_NAMES)})")
+    if criterion == "auto":
+        return "energy" if has_calibration else "whc"
+    if criterion in DATA_AWARE and not has_calibration:
+        raise UserInputError(f"--criterion {criterion} needs calibration data: give --calib")
+    return criterion
+
+
+class Pipeline:
+    """One model analysed and calibrated, ready to turn plans into recovered, measured models.
+
+    `measure` asks for a quality probe even without recovery; `needs_data` makes missing
+    calibration data an error (the accuracy-aware search cannot run without it).
+    """
+
+    def __init__(self, model, input_shapes, calib, calib_size, preprocess, seed: int, synthetic: bool,
+                 recover: str, criterion: str, allocate: bool | None, exclude, round_to: int,
+                 recovery_settings, progress: bool, measure: bool, needs_data: bool = False):
+        self.progress = progress
+        self.loaded = load(model, input_shapes)
+        return_freed_memory()
+        self.analysis = analyze_channels(self.loaded)
+        self.before = model_cost(self.loaded.graph, self.loaded.shapes)
+        wanted = recover != "none" or measure or needs_data or bool(allocate)  # else synthetic images go unused
+        self.calibration, no_data = _calibration(self.loaded, calib, calib_size, preprocess, seed, synthetic and wanted)
+        self.method = recovery.resolve_method(recover, self.calibration is not None)
+        data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
+        allocate = data_driven or needs_data if allocate is None else allocate
+        if (allocate or needs_data) and self.calibration is None:
+            what = "--allocate" if allocate else "--min-agreement/--min-r2"
+            raise UserInputError(f"{what} needs calibration data: give --calib ({no_data})")
+        self.data_described = self.calibration.source if self.calibration else f"none ({no_data})"
+        self.criterion = resolve_criterion(criterion, data_driven)
+        stats = None
+        if allocate or self.criterion in DATA_AWARE:
+            stats = channel_stats(self.loaded, self.analysis, self.calibration.fit)
+        base = CONSUMER_AWARE.get(self.criterion, "whc" if self.criterion in DATA_AWARE else self.criterion)
+        self.select_args = dict(criterion=base, round_to=round_to, exclude=tuple(exclude), seed=seed,
+                                importance=_importance(self.criterion, self.analysis, self.loaded, stats, seed))
+        measure = measure or self.method != "none"
+        self.original = export(self.loaded.graph.copy(), self.loaded) if measure else None  # else nothing compares
+        self.chunk = samples_per_run(self.original, self.loaded.shapes) if measure else 1
+        self.probe = _quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
+                                    self.chunk, seed) if measure else None
+        self.allocator = Allocator(self.loaded, self.analysis, self.calibration.fit, self.select_args, stats,
+                                   progress=progress_bar(progress, "measuring group sensitivity")) if allocate else None
+        self.settings = recovery.RecoverySettings(**{**vars(recovery_settings or recovery.RecoverySettings()),
+                                                     "method": self.method, "seed": seed})
+
+    def plan(self, ratio: float | None, target_macs: float | None):
+        """(plan, allocation or None, the uniform ratio or None) for a ratio or a MACs budget."""
+        if self.allocator is not None:
+            plan, allocation = allocated_plan(self.loaded, self.analysis, self.allocator, ratio, target_macs,
+                                              self.select_args)
+            return plan, allocation, ratio
+        if target_macs is None:
+            return select(self.analysis, ratio, **self.select_args,
+                          progress=progress_bar(self.progress, "scoring groups")), None, ratio
+        fit = fit_ratio(self.loaded, self.analysis, target_macs, **self.select_args,
+                        progress=progress_bar(self.progress, "fitting the MACs budget"))
+        return fit.plan, None, fit.ratio
+
+    def recovered(self, plan: PrunePlan, in_place: bool = False) -> tuple[onnx.ModelProto, dict | None, Cost]:
+        """The model pruned by `plan` and recovered, its recovery report and its cost.
+
+        `in_place` prunes the loaded graph itself and releases its weights: the last plan of a run.
+        """
+        if not plan.removed_channels:
+            model = self.original if self.original is not None else export(self.loaded.graph, self.loaded)
+            return model, None, self.before
+        pruned, cost = prune_copy(self.loaded, self.analysis, plan, in_place)
+        keep = lambda name: self.analysis.keep_mask(name, plan.removed_roots)  # noqa: E731
+        pruned, report = recovery.recover(self.original, pruned, keep, self.calibration, self.probe, self.chunk,
+                                          self.settings, self.loaded.shapes,
+                                          progress_bar(self.progress and in_place, f"recovering ({self.method})"))
+        return pruned, report, cost
+
+
+def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> tuple[onnx.ModelProto, Cost]:
+    """The model pruned by `plan` and its cost; `loaded` is left as it was unless `in_place`.
+
+    In place, the graph's weights are released once exported: never both copies for long.
+    """
+    work = loaded if in_place else dataclasses.replace(loaded, graph=loaded.graph.copy())
+    apply_plan(work, analysis, plan)
+    cost = model_cost(work.graph, infer_static_shapes(work.graph, work.input_shapes))
+    model = export(work.graph, work)
+    if in_place:
+        release_weights(work.graph)
+    return model, cost
+
+
+def _calibration(loaded: LoadedModel, calib, size, preprocess, seed, synthetic: bool):
+    """(the Calibration, or None and why there is none)."""
+    types = {t.name: np.dtype(t.dtype or np.float32) for t in loaded.graph.inputs if t.name in loaded.input_shapes}
+    if calib is not None:
+        return make_calibration(calib, loaded.input_shapes, types, size, preprocess, seed), ""
+    if not synthetic:
+        return None, "no --calib, and no built-in synthetic images asked for"
+    return synthetic_calibration(loaded.input_shapes, types, preprocess, seed)
+
+
+def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int):
+    """The per-class importance of consumer- and data-aware criteria (None: `select` scores filters)."""
+    if criterion in CONSUMER_AWARE:
+        return consumer_aware_importance(analysis, loaded.graph, criterion, seed)
+    if criterion in DATA_AWARE:
+        return energy_importance(analysis, loaded.graph, stats.var)
+    return None
+
+
+def _quality_probe(original, calibration, no_data: str, input_shapes, chunk: int, seed: int) -> QualityProbe:
+    if calibration is not None:
+        return QualityProbe(original, calibration.quality_feeds, calibration.quality_on, chunk)
+    rng = np.random.default_rng(seed)  # nothing better to measure on: say so
+    types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in original.graph.input}
+    feeds = {name: rng.standard_normal((16, *shape[1:])).astype(types.get(name, np.float32))
+             for name, shape in input_shapes.items()}
+    return QualityProbe(original, feeds, f"16 random-normal inputs, nothing like real data ({no_data})", chunk)
