@@ -47,14 +47,16 @@ def _load_split(dataset: str, split: str, limit: int | None) -> tuple[np.ndarray
     return inputs, labels
 
 
-def accuracy(model: str | Path | bytes, inputs: np.ndarray, labels: np.ndarray, batch: int = 256) -> float:
-    """Top-1 accuracy (0..1) of an ONNX model (path or serialized bytes) on CPU."""
+def predict(model: str | Path | bytes, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Argmax of the first output of an ONNX model (path or serialized bytes) on CPU."""
     session = ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
     )
     name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(inputs), batch):
-        logits = session.run(None, {name: inputs[start : start + batch]})[0]
-        correct += int((logits.argmax(axis=1) == labels[start : start + batch]).sum())
-    return correct / len(inputs)
+    return np.concatenate([session.run(None, {name: inputs[start: start + batch]})[0].argmax(axis=1)
+                           for start in range(0, len(inputs), batch)])
+
+
+def accuracy(model: str | Path | bytes, inputs: np.ndarray, labels: np.ndarray, batch: int = 256) -> float:
+    """Top-1 accuracy (0..1) of an ONNX model (path or serialized bytes) on CPU."""
+    return float(np.mean(predict(model, inputs, batch) == labels))

@@ -16,7 +16,7 @@ from .errors import UserInputError, ValidationError
 from .load import load, read_model
 from .metrics import model_cost
 from .pipeline import CRITERION_NAMES, Pipeline  # noqa: F401  (CRITERION_NAMES: the CLI imports it here)
-from .quality import Quality
+from .quality import SYNTHETIC_CAVEAT, Quality
 from .recover import RecoverySettings
 from .recovery.replay import run_model
 from .report import AnalysisReport, PruneReport, SweepReport, SweepRow, cost_dict, group_reports, validation_dict
@@ -64,9 +64,17 @@ class QualityFloor:
     r2: float | None = None
 
     def met(self, quality: Quality) -> bool:
+        """Every rated output at or above its floor; agreement less one standard error of its estimate.
+
+        The search picks the deepest probe that passes, which favours probes whose held-out figure
+        came out high by chance: the margin keeps the floor on data the samples stand for.
+        """
         for q in quality.outputs.values():
             floor = {"agreement": self.agreement, "r2": self.r2}.get(q.metric)
-            if floor is not None and q.value is not None and q.value < floor:
+            if floor is None or q.value is None:
+                continue
+            margin = np.sqrt(q.value * (1 - q.value) / q.details["rows"]) if q.metric == "agreement" else 0.0
+            if q.value - margin < floor:
                 return False
         return True
 
@@ -168,7 +176,10 @@ def prune(
     if run.probe is not None and plan.removed_channels:
         with clock("measured"):
             quality = run.probe.measure(pruned)
-            report.quality, report.quality_on, report.warning = quality.to_dict(), quality.on, quality.warning()
+            own_data = run.calibration is not None and not run.calibration.synthetic
+            report.quality, report.quality_on, report.warning = quality.to_dict(), quality.on, quality.warning(own_data)
+            if run.calibration is not None and run.calibration.synthetic:
+                report.caveat = SYNTHETIC_CAVEAT
     if labelled is not None:
         with clock("evaluated"):
             report.top1 = {"before": labelled.top1(run.original), "after": labelled.top1(pruned), "on": labelled.on}

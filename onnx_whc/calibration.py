@@ -110,12 +110,18 @@ class Calibration:
         return f"the {self.fit_count} fitting samples of {self.source} (too few to hold any out)"
 
     @classmethod
-    def of(cls, samples: dict[str, np.ndarray], source: str, synthetic: bool = False) -> "Calibration":
-        """Split `samples`: a fifth (at most MAX_HELD_OUT, none below 10 samples) held out, from the end."""
+    def of(cls, samples: dict[str, np.ndarray], source: str, synthetic: bool = False, seed: int = 0) -> "Calibration":
+        """Split `samples`: a fifth (at most MAX_HELD_OUT, none below 10 samples) held out at random.
+
+        At random, not the last rows: image folders are usually sorted by class, and a tail would
+        measure quality on the last classes only.
+        """
         count = len(next(iter(samples.values())))
         held = min(MAX_HELD_OUT, count // 5) if count >= 10 else 0
-        fit = {k: v[:count - held] for k, v in samples.items()}
-        return cls(fit, {k: v[count - held:] for k, v in samples.items()} if held else {}, source, synthetic)
+        out = np.zeros(count, bool)
+        out[np.random.default_rng([seed, 0x4E1D]).choice(count, held, replace=False)] = True
+        fit = {k: v[~out] for k, v in samples.items()}
+        return cls(fit, {k: v[out] for k, v in samples.items()} if held else {}, source, synthetic)
 
 
 def make_calibration(calib, input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
@@ -131,7 +137,7 @@ def make_calibration(calib, input_shapes: dict[str, tuple], input_types: dict[st
     else:
         arrays = {name: array[:size] for name, array in check_arrays(calib, input_shapes).items()}
         source = f"{len(next(iter(arrays.values())))} given samples"
-    return Calibration.of(_cast(arrays, input_types), source)
+    return Calibration.of(_cast(arrays, input_types), source, seed=seed)
 
 
 def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
@@ -158,7 +164,7 @@ def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str,
         grey = (luma[..., None] / 255 - preprocess.mean[0]) / preprocess.std[0]
         batch = grey if preprocess.layout == "NHWC" else grey.transpose(0, 3, 1, 2)
     source = f"{count} built-in synthetic dead-leaves images (no --calib given)"
-    return Calibration.of(_cast({name: np.ascontiguousarray(batch, np.float32)}, input_types), source, True), ""
+    return Calibration.of(_cast({name: np.ascontiguousarray(batch, np.float32)}, input_types), source, True, seed), ""
 
 
 def check_arrays(calib, input_shapes: dict[str, tuple]) -> dict[str, np.ndarray]:

@@ -179,8 +179,9 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, output, criterion, e
                                  floor=QualityFloor(_unit("--min-agreement", min_agreement), _r2(min_r2)))
     removed = sum(len(g.removed) for g in report.groups)
     click.echo(report.summary())
-    if report.warning:
-        click.echo(report.warning, err=True)
+    for line in (report.warning, report.caveat):
+        if line:
+            click.echo(line, err=True)
     if report_path:
         _write_text(report_path, report.to_json())
     if removed == 0:

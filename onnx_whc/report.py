@@ -63,6 +63,7 @@ class PruneReport:
     quality: dict | None = None  # output name -> {"kind", "metric", "value", "cosine", ...} (onnx_whc.quality)
     quality_on: str | None = None  # the inputs quality was measured on
     warning: str | None = None  # one line for stderr when the quality falls below its threshold
+    caveat: str | None = None  # one line for stderr when quality was measured on synthetic images
     search: dict | None = None  # --min-agreement / --min-r2: every probe of the budget search
     top1: dict | None = None  # --eval: {"before", "after", "on"} on the user's labelled images
 

@@ -20,7 +20,7 @@ from .quality import Quality, QualityProbe
 from .select import PrunePlan
 
 TOLERANCE = 0.02  # stop when the passing and failing budgets are this close (share of MACs)
-MAX_PROBES = 8
+MAX_PROBES = 7  # halving from the whole path down to TOLERANCE
 
 
 @dataclass
@@ -79,12 +79,10 @@ def search_budget(allocator: Allocator, analysis, recovered: Callable, probe: Qu
     for _ in progress(range(MAX_PROBES)):
         if hi - lo <= TOLERANCE:
             break
-        target = lo if not probes else (lo + hi) / 2
+        target = (lo + hi) / 2
         ok, result = attempt(target)
         if ok:
             hi, passing = target, result
-            if target == lo:
-                break  # the deepest the path goes already meets the floor
         else:
             lo = target
     if passing is None:

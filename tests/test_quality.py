@@ -125,12 +125,12 @@ def test_min_agreement_search_keeps_the_floor_and_prunes_the_most_among_probes()
     model = _classifier()
     pruned, report = prune(model, floor=QualityFloor(agreement=0.99), round_to=1, validate=False)
     probes = report.search["probes"]
-    assert 2 <= len(probes) <= 8 and not probes[0]["passed"]  # the deepest cut fails: a real search
+    assert 2 <= len(probes) <= 7 and not all(p["passed"] for p in probes)  # a real search, not one probe
     chosen = report.search["chosen_macs_kept"]
     passing = [p["macs_kept"] for p in probes if p["passed"]]
     assert chosen == min(passing) and report.quality["fc"]["value"] >= 0.99
     assert report.macs_kept == pytest.approx(chosen, abs=1e-3) and report.macs_kept < 1
-    assert all(p["quality"]["fc"] < 0.99 for p in probes if not p["passed"])
+    assert all(p["quality"]["fc"] >= 0.99 for p in probes if p["passed"])  # less a standard error, in fact
 
 
 def test_min_agreement_excludes_a_budget_and_needs_data():
@@ -175,3 +175,19 @@ def test_sweep_writes_a_table_json_and_plot_with_top1(tmp_path):
     assert data["top1_on"] == f"12 labelled images from {folder}" and 0 <= data["top1_original"] <= 1
     assert "| 0.5 |" in (tmp_path / "sweep.md").read_text()
     assert Image.open(tmp_path / "sweep.png").size[0] > 500
+
+
+def test_labelled_csv_skips_calibration_rows(tmp_path):
+    from PIL import Image
+
+    from onnx_whc.calibration import load_labelled
+
+    for i, image in enumerate(dead_leaves(4, 16, 16, seed=1)):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("file,label,split\n0.png,3,calib\n1.png,1,eval\n2.png,2,eval\n3.png,0,val\n")
+    inputs, labels, on = load_labelled(tmp_path / "labels.csv", {"x": (1, 3, 16, 16)})
+    assert labels.tolist() == [1, 2, 0] and inputs["x"].shape == (3, 3, 16, 16)
+    assert on == f"3 labelled images from {tmp_path / 'labels.csv'}"
+    (tmp_path / "bad.csv").write_text("name,class\n0.png,1\n")
+    with pytest.raises(UserInputError, match="needs 'file' and 'label' columns"):
+        load_labelled(tmp_path / "bad.csv", {"x": (1, 3, 16, 16)})
