@@ -12,16 +12,15 @@ import sys
 import click
 
 from . import __version__
+from .api import CRITERION_NAMES, DEFAULT_ROUND_TO, QualityFloor
 from .api import analyze as analyze_model
 from .api import prune as prune_model
 from .api import sweep as sweep_model
-from .api import CRITERION_NAMES, DEFAULT_ROUND_TO
-from .storage import check_writable, copy_unchanged, external_data_files, same_file, save
 from .bench import compare, parse_batches
-from .api import QualityFloor
 from .calibration import PRESETS, preset_preprocess
 from .errors import OnnxWhcError, UserInputError
 from .recover import METHODS, RecoverySettings
+from .storage import check_writable, copy_unchanged, external_data_files, same_file, save
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -146,7 +145,7 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
               help="Like --min-agreement, for dense outputs: mean per-channel explained variance at least R.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
 @click.option("--criterion", "-c", type=click.Choice(CRITERION_NAMES), default="auto",
-              show_default=True, help="Filter score. auto: whc, or energy with --calib. whc+ weighs WHC by the norm "
+              show_default=True, help="Filter score. auto: energy when calibration data drives the prune, else whc. whc+ weighs WHC by the norm "
               "of the consumers' weights; energy (needs --calib) by the output variance each channel carries.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
 @click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True,
@@ -177,7 +176,7 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, output, criterion, e
                                  preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout),
                                  recovery_settings=RecoverySettings(samples=recover_samples),
                                  floor=QualityFloor(_unit("--min-agreement", min_agreement), _r2(min_r2)))
-    removed = sum(len(g.removed) for g in report.groups)
+    removed = report.removed_channels
     click.echo(report.summary())
     for line in (report.warning, report.caveat):
         if line:
@@ -225,7 +224,8 @@ def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, 
     click.echo(markdown)
     _write_text(prefix + ".md", markdown, "-o")
     _write_text(prefix + ".json", json.dumps(result.to_dict(), indent=2), "-o")
-    result.plot(prefix + ".png")
+    result.plot(prefix + ".png.tmp")  # written whole, then moved into place
+    os.replace(prefix + ".png.tmp", prefix + ".png")
     click.echo(f"wrote {prefix}.md, {prefix}.json and {prefix}.png")
 
 

@@ -61,7 +61,7 @@ class Pipeline:
         self.analysis = analyze_channels(self.loaded)
         self.before = model_cost(self.loaded.graph, self.loaded.shapes)
         wanted = recover != "none" or measure or needs_data or bool(allocate)  # else synthetic images go unused
-        self.calibration, no_data = _calibration(self.loaded, calib, calib_size, preprocess, seed, synthetic and wanted)
+        self.calibration, no_data = _calibration(self.loaded, calib, calib_size, preprocess, seed, synthetic, wanted)
         self.method = recovery.resolve_method(recover, self.calibration is not None)
         data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
         allocate = data_driven or needs_data if allocate is None else allocate
@@ -129,13 +129,15 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
     return model, cost
 
 
-def _calibration(loaded: LoadedModel, calib, size, preprocess, seed, synthetic: bool):
-    """(the Calibration, or None and why there is none)."""
+def _calibration(loaded: LoadedModel, calib, size, preprocess, seed, synthetic: bool, wanted: bool):
+    """(the Calibration, or None and why there is none); synthetic images only when `wanted`."""
     types = {t.name: np.dtype(t.dtype or np.float32) for t in loaded.graph.inputs if t.name in loaded.input_shapes}
     if calib is not None:
         return make_calibration(calib, loaded.input_shapes, types, size, preprocess, seed), ""
     if not synthetic:
-        return None, "no --calib, and no built-in synthetic images asked for"
+        return None, "no --calib, and --no-synthetic"
+    if not wanted:
+        return None, "none needed: no recovery and no validation"
     return synthetic_calibration(loaded.input_shapes, types, preprocess, seed)
 
 

@@ -17,7 +17,7 @@ def line_charts(panels: list[dict], path: str, title: str = "") -> None:
         draw.text((10, 6), title, fill="black", font=font)
     for i, panel in enumerate(panels):
         _panel(draw, font, i * WIDTH, 30, panel)
-    image.save(path)
+    image.save(path, format="PNG")
 
 
 def _panel(draw: ImageDraw.ImageDraw, font, left: int, top: int, panel: dict) -> None:

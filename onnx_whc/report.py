@@ -68,6 +68,10 @@ class PruneReport:
     top1: dict | None = None  # --eval: {"before", "after", "on"} on the user's labelled images
 
     @property
+    def removed_channels(self) -> int:
+        return sum(len(g.removed) for g in self.groups)
+
+    @property
     def macs_kept(self) -> float:
         return self.after["macs"] / self.before["macs"] if self.before["macs"] else 1.0
 
@@ -110,6 +114,8 @@ class PruneReport:
         lines.append(f"calibration: {self.calibration}")
         if self.recovery:
             lines.append(f"recovery {self.recovery.get('method')}: {self.recovery.get('summary', '')}")
+        elif self.calibration and self.calibration.startswith("none (") and self.removed_channels:
+            lines.append("recovery skipped: no calibration data (give --calib DIR)")
         if self.quality:
             lines.append(f"quality vs the original, on {self.quality_on}:")
             for name, q in self.quality.items():

@@ -95,6 +95,7 @@ def test_headline_command_recovers_on_synthetic_images_and_says_so(tmp_path):
     before = report["recovery"]["quality_before"]["logits"]
     assert report["quality"]["logits"]["value"] == report["recovery"]["quality_after"]["logits"] > before
     assert "calibration: 320 built-in synthetic dead-leaves images" in result.stdout
+    assert "note: quality was measured on synthetic images, not on your data" in result.stderr
 
 
 def test_report_kept_indices_are_the_surviving_filters(pruned_run):

@@ -147,6 +147,7 @@ def test_random_inputs_are_named_as_such_when_nothing_else_exists():
     _, report = prune(model, ratio=0.25, round_to=1)
     assert report.quality_on.startswith("16 random-normal inputs, nothing like real data")
     assert "is not an image" in report.calibration and report.recovery is None
+    assert "recovery skipped: no calibration data" in report.summary()
     assert report.quality["c2"]["metric"] == "r2"
 
 
