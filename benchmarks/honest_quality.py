@@ -47,6 +47,7 @@ CASES = {
     "lite0-calib": ("efficientnet_lite0_imagenet.onnx", "imagenet", dict(target_macs=0.75), "calib"),
     "yolo-raw": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.6, recover="none"), None),
     "yolo-no-calib": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.7), None),
+    "yolo-calib": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.7, calib_size=200), "calib"),
 }
 
 

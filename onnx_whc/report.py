@@ -210,7 +210,7 @@ class SweepReport:
                                                                       for o in outputs], "cosine", "seconds"]
         if self.top1_on:
             header.insert(4, "top-1")
-        lines = [f"# Sweep: quality and speed by MACs budget", "",
+        lines = ["# Sweep: quality and speed by MACs budget", "",
                  f"Quality vs the original on {self.quality_on}; calibration: {self.calibration}; latency: "
                  f"{self.provider}, batch 1, median (original {self.rows[0].latency_ms_before:.2f} ms)."
                  if self.rows else "", ""]

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from onnx import helper
 
 from onnx_whc.api import QualityFloor, prune
 from onnx_whc.calibration import Calibration, preset_preprocess, synthetic_calibration
