@@ -112,7 +112,8 @@ class Quality:
         name, q = min(failing, key=lambda item: _margin(item[1]))
         what = {"agreement": "predictions change on many inputs", "r2": "its values no longer follow the original's",
                 "relative_error": "its values drift", "match": "its values change"}[q.metric]
-        fix = "Prune less (a larger --target-macs, or --min-agreement)" if own_data else \
+        floor = "--min-r2" if q.metric == "r2" else "--min-agreement"
+        fix = f"Prune less (a larger --target-macs, or {floor})" if own_data else \
             "Add --calib DIR (a few hundred images like the deployment data) or prune less"
         return f"warning: output '{name}' {q.describe()} on {self.on}: {what}. {fix}."
 
