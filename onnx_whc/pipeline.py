@@ -73,8 +73,7 @@ class Pipeline:
         stats = None
         if allocate or self.criterion in DATA_AWARE:
             stats = channel_stats(self.loaded, self.analysis, self.calibration.fit)
-        base = CONSUMER_AWARE.get(self.criterion, "whc" if self.criterion in DATA_AWARE else self.criterion)
-        self.select_args = dict(criterion=base, round_to=round_to, exclude=tuple(exclude), seed=seed,
+        self.select_args = dict(criterion=self.criterion, round_to=round_to, exclude=tuple(exclude), seed=seed,
                                 importance=_importance(self.criterion, self.analysis, self.loaded, stats, seed))
         measure = measure or self.method != "none"
         self.original = export(self.loaded.graph.copy(), self.loaded) if measure else None  # else nothing compares

@@ -225,8 +225,12 @@ def select(
     importance: Callable[[ChannelGroup], np.ndarray] | None = None,
     progress: Callable | None = None,
 ) -> PrunePlan:
-    """Decide the removed classes of every group; `ratio` may be one rate or one per group id."""
-    if criterion not in CRITERIA:
+    """Decide the removed classes of every group; `ratio` may be one rate or one per group id.
+
+    `importance` (consumer- and data-aware criteria) scores the classes itself; otherwise the
+    filter criterion named `criterion` does.
+    """
+    if importance is None and criterion not in CRITERIA:
         raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
     if round_to < 1:
         raise UserInputError("--round-to must be at least 1")
