@@ -69,7 +69,7 @@ def run_case(name: str) -> dict:
     if dataset == "imagenet" and (split or preset):
         preprocess = Preprocess(**LITE0) if split else preset_preprocess("inception")
     if dataset == "yolo":
-        preprocess = preset_preprocess("unit")
+        preprocess = preset_preprocess("yolo")
         kwargs["input_shapes"] = {"images": (1, 3, 320, 320)}
     with tempfile.TemporaryDirectory() as tmp:
         calib = str(_calib_folder(dataset, Path(tmp))) if split else None

@@ -42,6 +42,9 @@ class Preprocess:
     # With neither resize nor crop: resize the short side to size / crop_fraction, then crop the
     # model's (square) input size: the ImageNet evaluation recipe (0.875: 256 -> 224).
     crop_fraction: float | None = None
+    # Scale to fit the model's input size, aspect kept, and pad the rest with this grey level
+    # (YOLO's letterbox, pad 114) instead of stretching.
+    letterbox: int | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("NCHW", "NHWC"):
@@ -62,8 +65,10 @@ PRESETS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "crop"),  # torchvision classifiers
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "crop"),  # [-1, 1]: TF/Keras, EfficientNet-Lite
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "fit"),  # CIFAR-10's own statistics
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "fit"),  # x / 255 only: YOLO and most detectors
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "fit"),  # x / 255 only: most detectors
+    "yolo": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "letterbox"),  # x / 255, letterboxed on grey 114: ultralytics
 }
+LETTERBOX_PAD = 114
 SYNTHETIC_SAMPLES = 320  # dead-leaves images made when the user gives no calibration data
 MAX_HELD_OUT = 256  # calibration samples kept apart for the quality figures
 
@@ -75,7 +80,8 @@ def preset_preprocess(name: str | None, layout: str = "NCHW", mean=None, std=Non
         raise UserInputError(f"unknown --calib-preset '{name}' (choose from none, {', '.join(PRESETS)})")
     base_mean, base_std, rule = PRESETS.get(name, (Preprocess.mean, Preprocess.std, "fit"))
     fraction = 0.875 if rule == "crop" else None
-    return Preprocess(tuple(mean or base_mean), tuple(std or base_std), resize, crop, layout, fraction)
+    pad = LETTERBOX_PAD if rule == "letterbox" and resize is None and crop is None else None
+    return Preprocess(tuple(mean or base_mean), tuple(std or base_std), resize, crop, layout, fraction, pad)
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,8 @@ def normalize(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
 
 def _resize(img: Image.Image, preprocess: Preprocess, size_hw: tuple[int, int] | None) -> Image.Image:
     """Decode `img` as RGB at the size `preprocess` (or `size_hw`) asks for."""
+    if preprocess.letterbox is not None and size_hw is not None:
+        return _letterboxed(_rgb(img), size_hw, preprocess.letterbox)
     if preprocess.resize is not None:
         target = _short_side_size(img.size, preprocess.resize)
     elif preprocess.crop is None and size_hw is not None and img.size != size_hw[::-1]:
@@ -294,6 +302,16 @@ def _resize(img: Image.Image, preprocess: Preprocess, size_hw: tuple[int, int] |
     # target size leaves the bilinear filter to do the real work, so results barely change.
     img.draft("RGB", (2 * target[0], 2 * target[1]))
     return _rgb(img).resize(target, Image.BILINEAR)
+
+
+def _letterboxed(img: Image.Image, size_hw: tuple[int, int], pad: int) -> Image.Image:
+    """`img` scaled to fit `size_hw` (bilinear, aspect kept) and centred on a `pad`-grey canvas."""
+    h, w = size_hw
+    scale = min(w / img.width, h / img.height)
+    width, height = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    canvas = Image.new("RGB", (w, h), (pad,) * 3)
+    canvas.paste(img.resize((width, height), Image.BILINEAR), ((w - width) // 2, (h - height) // 2))
+    return canvas
 
 
 def _rgb(img: Image.Image) -> Image.Image:

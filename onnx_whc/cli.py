@@ -55,8 +55,8 @@ _CALIBRATION_OPTIONS = [
     click.option("--calib-preset", type=click.Choice(["none", *PRESETS]), default="none", show_default=True,
                  help="Preprocessing of common model families, for --calib images and the built-in synthetic "
                  "ones: imagenet (ImageNet mean/std, resize to size/0.875, centre crop), inception (mean = std "
-                 "= 0.5, same crop: TF/Keras, EfficientNet-Lite), cifar (CIFAR-10 mean/std), unit (x/255 only: "
-                 "YOLO). --mean/--std/--resize/--crop override it."),
+                 "= 0.5, same crop: TF/Keras, EfficientNet-Lite), cifar (CIFAR-10 mean/std), unit (x/255 only), "
+                 "yolo (x/255, letterboxed on grey 114). --mean/--std/--resize/--crop override it."),
     click.option("--mean", metavar="M,M,M", help="Per-channel RGB mean subtracted from images scaled to [0, 1].  "
                  "[default: the preset's, else 0.485,0.456,0.406]"),
     click.option("--std", metavar="S,S,S", help="Per-channel RGB std divided by.  "

@@ -191,3 +191,15 @@ def test_labelled_csv_skips_calibration_rows(tmp_path):
     (tmp_path / "bad.csv").write_text("name,class\n0.png,1\n")
     with pytest.raises(UserInputError, match="needs 'file' and 'label' columns"):
         load_labelled(tmp_path / "bad.csv", {"x": (1, 3, 16, 16)})
+
+
+def test_yolo_preset_letterboxes_instead_of_stretching(tmp_path):
+    from PIL import Image
+
+    from onnx_whc.calibration import load_images
+
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "wide.png")
+    batch = load_images([tmp_path / "wide.png"], preset_preprocess("yolo"), (32, 32))
+    assert batch.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(batch[0, :, 0, 0], 114 / 255, rtol=1e-6)  # padding above the picture
+    np.testing.assert_allclose(batch[0, :, 16, 16], [1.0, 0.0, 0.0], atol=1e-6)  # the picture, not stretched
