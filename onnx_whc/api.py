@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .calibration import load_labelled
 from .dependency import analyze_channels
 from .errors import UserInputError, ValidationError
 from .load import load, read_model
 from .metrics import model_cost
-from .pipeline import CRITERION_NAMES, Pipeline  # noqa: F401  (CRITERION_NAMES: the CLI imports it here)
-from .quality import SYNTHETIC_CAVEAT, Quality
+from .pipeline import Pipeline
+from .quality import SYNTHETIC_CAVEAT
 from .recover import RecoverySettings
 from .recovery.replay import run_model
 from .report import AnalysisReport, PruneReport, SweepReport, SweepRow, cost_dict, group_reports, validation_dict
-from .search import search_budget
+from .search import QualityFloor, search_budget
 from .storage import save
 from .progress import progress_bar
 from .validate import best_providers
@@ -54,32 +52,6 @@ def _check_ratio(ratio) -> float:
     if not 0.0 <= value < 1.0:
         raise UserInputError(f"--ratio must be in [0, 1), got {value:g}")
     return value
-
-
-@dataclass(frozen=True)
-class QualityFloor:
-    """`--min-agreement` / `--min-r2`: the least quality the pruned model must keep on held-out samples."""
-
-    agreement: float | None = None
-    r2: float | None = None
-
-    def met(self, quality: Quality) -> bool:
-        """Every rated output at or above its floor; agreement less one standard error of its estimate.
-
-        The search picks the deepest probe that passes, which favours probes whose held-out figure
-        came out high by chance: the margin keeps the floor on data the samples stand for.
-        """
-        for q in quality.outputs.values():
-            floor = {"agreement": self.agreement, "r2": self.r2}.get(q.metric)
-            if floor is None or q.value is None:
-                continue
-            margin = np.sqrt(q.value * (1 - q.value) / q.details["rows"]) if q.metric == "agreement" else 0.0
-            if q.value - margin < floor:
-                return False
-        return True
-
-    def __bool__(self) -> bool:
-        return self.agreement is not None or self.r2 is not None
 
 
 class _Clock:
@@ -235,8 +207,7 @@ class Labelled:
     """A labelled set and top-1 on it, read from the model's first classifier output."""
 
     def __init__(self, path, run: Pipeline, preprocess):
-        types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in run.original.graph.input}
-        self.inputs, self.labels, self.on = load_labelled(path, run.loaded.input_shapes, preprocess, types)
+        self.inputs, self.labels, self.on = load_labelled(path, run.loaded.input_shapes, preprocess, run.input_types)
         kinds = [name for name, kind in run.probe.kinds.items() if kind.kind == "classifier"]
         if not kinds:
             raise UserInputError("--eval needs a classifier output (N x classes); this model has none")

@@ -12,13 +12,14 @@ import sys
 import click
 
 from . import __version__
-from .api import CRITERION_NAMES, DEFAULT_ROUND_TO, QualityFloor
+from .api import DEFAULT_ROUND_TO, QualityFloor
 from .api import analyze as analyze_model
 from .api import prune as prune_model
 from .api import sweep as sweep_model
 from .bench import compare, parse_batches
 from .calibration import PRESETS, preset_preprocess
 from .errors import OnnxWhcError, UserInputError
+from .pipeline import CRITERION_NAMES
 from .recover import METHODS, RecoverySettings
 from .storage import check_writable, copy_unchanged, external_data_files, same_file, save
 
@@ -175,7 +176,7 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, output, criterion, e
                                  allocate=allocate, synthetic=synthetic, eval_set=eval_set,
                                  preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout),
                                  recovery_settings=RecoverySettings(samples=recover_samples),
-                                 floor=QualityFloor(_unit("--min-agreement", min_agreement), _r2(min_r2)))
+                                 floor=QualityFloor(min_agreement, min_r2))
     removed = report.removed_channels
     click.echo(report.summary())
     for line in (report.warning, report.caveat):
@@ -232,18 +233,6 @@ def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, 
 def _preprocess(preset, mean, std, resize, crop, layout):
     return preset_preprocess(preset, layout, mean and parse_triple("--mean", mean), std and parse_triple("--std", std),
                              resize, crop)
-
-
-def _unit(option: str, value: float | None) -> float | None:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise UserInputError(f"{option} must be in [0, 1], got {value:g}")
-    return value
-
-
-def _r2(value: float | None) -> float | None:
-    if value is not None and value > 1.0:
-        raise UserInputError(f"--min-r2 must be at most 1, got {value:g}")
-    return value
 
 
 def _why_nothing(report) -> str:

@@ -31,7 +31,7 @@ def _one(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     # Radii with density r^-3 on [r_min, r_max] by inverse transform: many small leaves, few large.
     u = rng.random(discs)
     radii = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
-    for r in radii[::-1]:  # largest first, so small leaves fall on top
+    for r in radii[::-1]:  # random order, as leaves fall: each occludes those drawn before it
         cx, cy = rng.uniform(-r, width + r), rng.uniform(-r, height + r)
         box = (cx - r, cy - r, cx + r, cy + r)
         if rng.random() < _TEXTURED and r > 3:

@@ -11,7 +11,6 @@ import dataclasses
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from . import recover as recovery
 from .allocate import Allocator, allocated_plan
@@ -60,8 +59,11 @@ class Pipeline:
         return_freed_memory()
         self.analysis = analyze_channels(self.loaded)
         self.before = model_cost(self.loaded.graph, self.loaded.shapes)
+        self.input_types = {t.name: np.dtype(t.dtype or np.float32) for t in self.loaded.graph.inputs
+                            if t.name in self.loaded.input_shapes}
         wanted = recover != "none" or measure or needs_data or bool(allocate)  # else synthetic images go unused
-        self.calibration, no_data = _calibration(self.loaded, calib, calib_size, preprocess, seed, synthetic, wanted)
+        self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, calib, calib_size,
+                                                 preprocess, seed, synthetic, wanted)
         self.method = recovery.resolve_method(recover, self.calibration is not None)
         data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
         allocate = data_driven or needs_data if allocate is None else allocate
@@ -79,7 +81,7 @@ class Pipeline:
         self.original = export(self.loaded.graph.copy(), self.loaded) if measure else None  # else nothing compares
         self.chunk = samples_per_run(self.original, self.loaded.shapes) if measure else 1
         self.probe = _quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
-                                    self.chunk, seed) if measure else None
+                                    self.input_types, self.chunk, seed) if measure else None
         self.allocator = Allocator(self.loaded, self.analysis, self.calibration.fit, self.select_args, stats,
                                    progress=progress_bar(progress, "measuring group sensitivity")) if allocate else None
         self.settings = recovery.RecoverySettings(**{**vars(recovery_settings or recovery.RecoverySettings()),
@@ -128,16 +130,15 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
     return model, cost
 
 
-def _calibration(loaded: LoadedModel, calib, size, preprocess, seed, synthetic: bool, wanted: bool):
+def _calibration(input_shapes, types, calib, size, preprocess, seed, synthetic: bool, wanted: bool):
     """(the Calibration, or None and why there is none); synthetic images only when `wanted`."""
-    types = {t.name: np.dtype(t.dtype or np.float32) for t in loaded.graph.inputs if t.name in loaded.input_shapes}
     if calib is not None:
-        return make_calibration(calib, loaded.input_shapes, types, size, preprocess, seed), ""
+        return make_calibration(calib, input_shapes, types, size, preprocess, seed), ""
     if not synthetic:
         return None, "no --calib, and --no-synthetic"
     if not wanted:
         return None, "none needed: no recovery and no validation"
-    return synthetic_calibration(loaded.input_shapes, types, preprocess, seed)
+    return synthetic_calibration(input_shapes, types, preprocess, seed)
 
 
 def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int):
@@ -149,11 +150,10 @@ def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int)
     return None
 
 
-def _quality_probe(original, calibration, no_data: str, input_shapes, chunk: int, seed: int) -> QualityProbe:
+def _quality_probe(original, calibration, no_data: str, input_shapes, types, chunk: int, seed: int) -> QualityProbe:
     if calibration is not None:
         return QualityProbe(original, calibration.quality_feeds, calibration.quality_on, chunk)
     rng = np.random.default_rng(seed)  # nothing better to measure on: say so
-    types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in original.graph.input}
     feeds = {name: rng.standard_normal((16, *shape[1:])).astype(types.get(name, np.float32))
              for name, shape in input_shapes.items()}
     return QualityProbe(original, feeds, f"16 random-normal inputs, nothing like real data ({no_data})", chunk)

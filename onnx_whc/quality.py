@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from .recovery.layers import attribute
 from .recovery.replay import run_model
 from .validate import cosine
 
@@ -26,12 +26,12 @@ MIN_AGREEMENT = 0.9  # below these the summary warns that the model no longer do
 MIN_R2 = 0.8
 MIN_WORST_R2 = 0.5  # one channel this poor (a detector's class score) breaks what reads it
 MAX_RELATIVE_ERROR = 0.1
-_PASS_THROUGH = ("Identity", "Cast")
+_PASS_THROUGH = ("Identity", "Cast")  # ops between a Softmax and the graph output that keep its meaning
 # Synthetic images are not the user's data: on EfficientNet-Lite0 agreement on them read 0.81 where
 # ImageNet images gave 0.16 (benchmarks/results/honest_quality.md). Said beside every such figure.
 SYNTHETIC_CAVEAT = ("note: quality was measured on synthetic images, not on your data; it can read far higher "
                     "than on real inputs (EfficientNet-Lite0: agreement 0.81 on synthetic images, 0.16 on ImageNet). "
-                    "Give --calib DIR to fit and measure on real inputs, or --eval DIR for top-1.")  # ops between a Softmax and the graph output that keep its meaning
+                    "Give --calib DIR to fit and measure on real inputs, or --eval DIR for top-1.")
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,9 @@ def output_kinds(model: onnx.ModelProto, reference: dict[str, np.ndarray]) -> di
         if not np.issubdtype(value.dtype, np.floating):
             kinds[name] = OutputKind("integer")
         elif node is not None and node.op_type in ("Softmax", "LogSoftmax") and rank >= 2:
-            axis = _attribute(node, "axis", -1 if opset >= 13 else 1)
+            axis = attribute(node, "axis", -1 if opset >= 13 else 1)
             kinds[name] = OutputKind("classifier", axis % rank)
-        elif rank <= 1 or value[0].size == 1:
+        elif rank <= 1 or int(np.prod(value.shape[1:])) == 1:  # shape, not value[0]: N may be 0
             kinds[name] = OutputKind("scalar")
         elif rank == 2:
             kinds[name] = OutputKind("classifier", 1)
@@ -152,12 +152,8 @@ def output_kinds(model: onnx.ModelProto, reference: dict[str, np.ndarray]) -> di
     return kinds
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _channels_last(node: onnx.NodeProto, rank: int) -> bool:
-    perm = _attribute(node, "perm", None)
+    perm = attribute(node, "perm", None)
     return perm is not None and len(perm) == rank and perm[-1] == 1
 
 

@@ -109,7 +109,7 @@ class PruneReport:
                          f"{min(ratios.values(), default=0):g}..{max(ratios.values(), default=0):g}")
         if self.search:
             probes = ", ".join(f"{p['macs_kept']:.1%} {'ok' if p['passed'] else 'below'}" for p in self.search["probes"])
-            lines.append(f"quality floor {_floor(self.search['floor'])}: {len(self.search['probes'])} probes "
+            lines.append(f"quality floor {self.search['floor_text']}: {len(self.search['probes'])} probes "
                          f"(MACs kept: {probes}); chose {self.search['chosen_macs_kept']:.1%}")
         lines.append(f"calibration: {self.calibration}")
         if self.recovery:
@@ -134,10 +134,6 @@ def describe(q: dict) -> str:
     """One output's quality from its JSON form, as `OutputQuality.describe` words it."""
     details = {k: v for k, v in q.items() if k not in ("kind", "metric", "value", "cosine")}
     return OutputQuality(q["kind"], q["metric"], q["value"], q["cosine"], details).describe()
-
-
-def _floor(floor: dict) -> str:
-    return ", ".join(f"{'agreement' if k == 'agreement' else 'R²'} >= {v:g}" for k, v in floor.items() if v is not None)
 
 
 def group_reports(analysis: ChannelAnalysis, shapes: dict, total_macs: int, graph,
@@ -232,11 +228,8 @@ class SweepReport:
         """Quality (and top-1) against MACs kept and against latency: pick the operating point from it."""
         from .plot import line_charts
 
-        series = {}
-        for output in (self.rows[0].quality if self.rows else {}):
-            metric = self.rows[0].quality[output]["metric"]
-            series[f"{output} {metric}"] = [(r, r_q) for r, r_q in
-                                            ((row, row.quality[output]["value"]) for row in self.rows)]
+        series = {f"{output} {q['metric']}": [(row, row.quality[output]["value"]) for row in self.rows]
+                  for output, q in (self.rows[0].quality if self.rows else {}).items()}
         if self.top1_on:
             series["top-1"] = [(row, row.top1) for row in self.rows]
         by_macs = {k: [(row.macs_kept, v) for row, v in pts] for k, pts in series.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from .allocate import Allocation, Allocator
@@ -21,6 +22,43 @@ from .select import PrunePlan
 
 TOLERANCE = 0.02  # stop when the passing and failing budgets are this close (share of MACs)
 MAX_PROBES = 7  # halving from the whole path down to TOLERANCE
+
+
+@dataclass(frozen=True)
+class QualityFloor:
+    """`--min-agreement` / `--min-r2`: the least quality the pruned model must keep on held-out samples."""
+
+    agreement: float | None = None
+    r2: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.agreement is not None and not 0.0 <= self.agreement <= 1.0:
+            raise UserInputError(f"--min-agreement must be in [0, 1], got {self.agreement:g}")
+        if self.r2 is not None and self.r2 > 1.0:
+            raise UserInputError(f"--min-r2 must be at most 1, got {self.r2:g}")
+
+    def met(self, quality: Quality) -> bool:
+        """Every rated output at or above its floor; agreement less one standard error of its estimate.
+
+        The search picks the deepest probe that passes, which favours probes whose held-out figure
+        came out high by chance: the margin keeps the floor on data the samples stand for.
+        """
+        for q in quality.outputs.values():
+            floor = {"agreement": self.agreement, "r2": self.r2}.get(q.metric)
+            if floor is None or q.value is None:
+                continue
+            margin = np.sqrt(q.value * (1 - q.value) / q.details["rows"]) if q.metric == "agreement" else 0.0
+            if q.value - margin < floor:
+                return False
+        return True
+
+    def describe(self) -> str:
+        parts = [f"agreement >= {self.agreement:g}" if self.agreement is not None else "",
+                 f"R² >= {self.r2:g}" if self.r2 is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+    def __bool__(self) -> bool:
+        return self.agreement is not None or self.r2 is not None
 
 
 @dataclass
@@ -40,15 +78,16 @@ class SearchResult:
     cost: Cost
     quality: Quality
     macs_kept: float
-    floor: dict
+    floor: QualityFloor
     probes: list[Probe] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"floor": self.floor, "chosen_macs_kept": round(self.macs_kept, 4),
+        return {"floor": {"agreement": self.floor.agreement, "r2": self.floor.r2},
+                "floor_text": self.floor.describe(), "chosen_macs_kept": round(self.macs_kept, 4),
                 "probes": [vars(p) for p in self.probes]}
 
 
-def search_budget(allocator: Allocator, analysis, recovered: Callable, probe: QualityProbe, floor,
+def search_budget(allocator: Allocator, analysis, recovered: Callable, probe: QualityProbe, floor: QualityFloor,
                   progress: Callable = lambda items: items) -> SearchResult:
     """The smallest MACs budget on the allocator's path whose recovered model meets `floor`.
 
@@ -86,15 +125,9 @@ def search_budget(allocator: Allocator, analysis, recovered: Callable, probe: Qu
         else:
             lo = target
     if passing is None:
-        raise UserInputError(f"no pruned model meets the quality floor ({_floor_text(floor)}) on {probe.on}; "
+        raise UserInputError(f"no pruned model meets the quality floor ({floor.describe()}) on {probe.on}; "
                              f"the mildest probe kept {probes[-1].macs_kept:.1%} of the MACs"
                              if probes else "the quality floor leaves nothing to prune")
     plan, allocation, model, report, cost, quality = passing
-    return SearchResult(plan, allocation, model, report, cost, quality, allocation.macs_kept,
-                        {"agreement": floor.agreement, "r2": floor.r2}, probes)
+    return SearchResult(plan, allocation, model, report, cost, quality, allocation.macs_kept, floor, probes)
 
-
-def _floor_text(floor) -> str:
-    parts = [f"agreement >= {floor.agreement:g}" if floor.agreement is not None else "",
-             f"R² >= {floor.r2:g}" if floor.r2 is not None else ""]
-    return ", ".join(p for p in parts if p)

@@ -149,10 +149,8 @@ def copy_unchanged(source: str, path: str) -> None:
     files = []
     source_folder = os.path.dirname(os.path.abspath(source))
     if not os.path.samefile(source_folder, folder):
-        locations = {dict((e.key, e.value) for e in t.external_data).get("location")
-                     for t in onnx.external_data_helper._get_all_tensors(model)
-                     if onnx.external_data_helper.uses_external_data(t)}
-        files += [(os.path.join(source_folder, name), os.path.join(folder, name)) for name in sorted(locations)]
+        files += [(os.path.join(source_folder, name), os.path.join(folder, name))
+                  for name in sorted(_external_locations(model))]
     files.append((source, os.path.abspath(path)))  # last: the model never points at missing data
     try:
         with _staging(folder) as staging:
@@ -183,9 +181,13 @@ def external_data_files(path: str) -> list[str]:
     except Exception:  # unreadable: loading reports it properly
         return []
     folder = os.path.dirname(os.path.abspath(path))
-    locations = {dict((e.key, e.value) for e in t.external_data).get("location", "")
-                 for t in onnx.external_data_helper._get_all_tensors(model)
-                 if onnx.external_data_helper.uses_external_data(t)}
     # A location outside the folder (or no file name at all) is never read: loading refuses the model.
-    return [os.path.join(folder, name) for name in sorted(locations)
+    return [os.path.join(folder, name) for name in sorted(_external_locations(model))
             if name and external_location_problem(folder, name) is None]
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    """The file names the model's tensors keep their data in ("" where a tensor names none)."""
+    return {dict((e.key, e.value) for e in t.external_data).get("location", "")
+            for t in onnx.external_data_helper._get_all_tensors(model)
+            if onnx.external_data_helper.uses_external_data(t)}

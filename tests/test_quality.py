@@ -49,6 +49,17 @@ def test_empty_scalar_and_integer_outputs_get_no_made_up_number():
     assert ints.metric == "match" and ints.value == 0.75
 
 
+def test_outputs_empty_for_every_sample_are_kinded_and_left_unrated():
+    """An NMS-style output with no rows at all (0 x 16) must not break the measure."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 3, 16, 16])
+    model = b.build([b.conv(x, 4, name="c1")])
+    empty = {"boxes": np.zeros((0, 16), np.float32), "score": np.zeros((0, 1), np.float32)}
+    kinds = output_kinds(model, empty)
+    assert kinds == {"boxes": OutputKind("classifier", 1), "score": OutputKind("scalar")}
+    assert compare(empty["boxes"], empty["boxes"], kinds["boxes"]).describe() == "n/a (empty on these inputs)"
+
+
 def _head_model():
     """Three outputs: softmax probabilities, raw logits (N x K), and a dense channels-last map."""
     b = GraphBuilder(seed=2)
