@@ -37,7 +37,7 @@ def analyze(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> An
     analysis = analyze_channels(loaded)
     cost = model_cost(loaded.graph, loaded.shapes)
     groups = group_reports(analysis, loaded.shapes, cost.macs, loaded.graph)
-    return AnalysisReport(groups, cost.macs, cost.params)
+    return AnalysisReport(groups, cost.macs, cost.params, loaded.probe_sizes)
 
 
 def _check_number(value, option: str, interval: str) -> float:
@@ -141,6 +141,7 @@ def prune(
     report.target_macs, report.recovery, report.calibration = target_macs, recovery_report, run.data_described
     report.allocation = allocation.to_dict() if allocation else None
     report.search = search.to_dict() if search else None
+    report.probe_sizes = run.loaded.probe_sizes
     if validate and plan.removed_channels:  # an unchanged model needs no checking
         with clock("validated"):
             report.validation = validation_dict(validate_models(run.original, pruned, run.loaded.input_shapes,

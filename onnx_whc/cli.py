@@ -237,7 +237,7 @@ def _preprocess(preset, mean, std, resize, crop, layout):
 
 def _why_nothing(report) -> str:
     if not report.groups:
-        return "the model has no Conv filters to remove"
+        return "the model has no Conv, Gemm or MatMul filters to remove"
     fixed = [g for g in report.groups if not g.prunable]
     if len(fixed) == len(report.groups):
         return f"no channel group can be pruned (group {fixed[0].id}: {fixed[0].reasons[0]})"

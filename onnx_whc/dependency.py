@@ -458,15 +458,38 @@ def _shape_source_mentions(tensor, value: int) -> bool:
     return False
 
 
+def gemm_output_axis(node: gs.Node) -> int:
+    """The weight's axis along a Gemm's or MatMul's output features."""
+    return 0 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 1
+
+
+def gemm_bias_prunable(node: gs.Node, features: int) -> bool:
+    """A Gemm bias that is absent, constant, and one value or one per output feature."""
+    if node.op != "Gemm" or len(node.inputs) < 3 or not node.inputs[2].name:
+        return True
+    bias = node.inputs[2]
+    if not isinstance(bias, gs.Constant):
+        return False
+    shape = bias.values.shape
+    return all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] in (1, features))
+
+
 def _gemm(t: _Tracer, node: gs.Node) -> None:
     atoms = t.map_of(node.inputs[0])
     if atoms is None:
-        return t.opaque(node, node.outputs[0], "Gemm outputs are not pruned")
+        return t.opaque(node, node.outputs[0], f"{node.op} of an input whose features cannot be traced")
     transposed = node.op == "Gemm" and int(node.attrs.get("transA", 0))
     if transposed or not isinstance(node.inputs[1], gs.Constant) or t.rank(node.inputs[0]) != 2:
         return t.block(node, f"{node.op} over a non-2-D input or non-constant weights")
     t.touch(node, atoms)
-    t.opaque(node, node.outputs[0], f"{node.op} outputs are not pruned")
+    # A fully connected layer's output features are filters like a Conv's: rows of its weight.
+    axis = gemm_output_axis(node)
+    features = node.inputs[1].values.shape[axis]
+    if not gemm_bias_prunable(node, features):
+        return t.opaque(node, node.outputs[0], "Gemm bias is computed at run time or not per feature")
+    out = t.new_space("conv", node.name, features)
+    t.producers.append(Producer(node, out, axis))
+    t.assign(node, node.outputs[0], out)
 
 
 def _transpose(t: _Tracer, node: gs.Node) -> None:

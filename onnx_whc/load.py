@@ -7,6 +7,7 @@ every node a unique name, and infers static shapes with a batch of one.
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import os
 from collections import Counter
@@ -47,6 +48,7 @@ class LoadedModel:
     opset: int
     initializers_as_inputs: bool = False  # IR < 4 models list initializers among the inputs
     metadata: dict[str, str] = field(default_factory=dict)
+    probe_sizes: dict[str, str] = field(default_factory=dict)  # input -> why it was measured at its size
 
 
 def read_model(source) -> onnx.ModelProto:
@@ -199,12 +201,20 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
     _name_nodes(graph)
     graph.fold_constants(error_ok=True).cleanup().toposort()
     _materialize(graph)
-    static_inputs = _static_input_shapes(graph, input_shapes or {})
-    shapes = infer_static_shapes(graph, static_inputs)
+    meta = {p.key: p.value for p in model.metadata_props}
+    static_inputs, probe_sizes = _static_input_shapes(graph, input_shapes or {}, meta)
+    try:
+        shapes = infer_static_shapes(graph, static_inputs)
+    except UserInputError as err:
+        if not probe_sizes:
+            raise
+        name = next(iter(probe_sizes))
+        raise UserInputError(f"input '{name}' has a dynamic size and the model does not run at "
+                             f"{_fmt(static_inputs[name])} ({err}); give --input-shape {name}:"
+                             f"{_fmt(static_inputs[name])} with the size it runs at") from None
     if _fold_static_shape_reads(graph, static_inputs, shapes):
         shapes = infer_static_shapes(graph, static_inputs)
-    meta = {p.key: p.value for p in model.metadata_props}
-    return LoadedModel(graph, shapes, static_inputs, ir_version, opset, as_inputs, meta)
+    return LoadedModel(graph, shapes, static_inputs, ir_version, opset, as_inputs, meta, probe_sizes)
 
 
 def _fold_static_shape_reads(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]],
@@ -315,7 +325,44 @@ def _name_nodes(graph: gs.Graph) -> None:
         node.name = name
 
 
-def _static_input_shapes(graph: gs.Graph, given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+DEFAULT_IMAGE_SIZE = 224  # a dynamic image input with no size in its metadata is measured at this
+
+
+def _image_size(metadata: dict[str, str]) -> tuple[tuple[int, int], str]:
+    """(height, width) to measure a dynamic image input at, and where it comes from.
+
+    Exporters that know the training size record it (ultralytics: imgsz '[320, 320]' or '640').
+    """
+    try:
+        value = ast.literal_eval(metadata.get("imgsz", ""))
+        size = (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)
+        if len(size) == 2 and min(size) > 0:
+            return size, "the model's imgsz metadata"
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    return (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE), "the default"
+
+
+def _spatial_axes(dims: list) -> tuple[int, int] | None:
+    """The height and width axes of a rank-4 image input, when its only dynamic dimensions are those."""
+    if len(dims) != 4:
+        return None
+    for axes, channel in (((2, 3), 1), ((1, 2), 3)):  # NCHW, then NHWC
+        others = [d for i, d in enumerate(dims[1:], 1) if i not in axes]
+        if _is_static(dims[channel]) and all(_is_static(d) for d in others):
+            return axes
+    return None
+
+
+def _static_input_shapes(graph: gs.Graph, given: dict[str, tuple[int, ...]], metadata: dict[str, str]
+                         ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Every input's shape with batch 1, and for image inputs of dynamic size the size chosen.
+
+    Channel analysis needs no spatial size; MACs, calibration and validation are measured at
+    the given size, or the model's recorded one, or the default. The pruned model keeps the
+    dynamic dimensions.
+    """
+    probe_sizes = {}
     unknown = set(given) - {t.name for t in graph.inputs}
     if unknown:
         names = ", ".join(t.name for t in graph.inputs)
@@ -338,12 +385,19 @@ def _static_input_shapes(graph: gs.Graph, given: dict[str, tuple[int, ...]]) -> 
         dims = list(tensor.shape)
         if dims and not _is_static(dims[0]):
             dims[0] = 1  # the batch: any size works for analysis
+        spatial = _spatial_axes(dims)
+        if spatial and not all(_is_static(dims[a]) for a in spatial):
+            size, origin = _image_size(metadata)
+            for axis, value in zip(spatial, size):
+                dims[axis] = dims[axis] if _is_static(dims[axis]) else value
+            probe_sizes[tensor.name] = (f"input '{tensor.name}' is {_fmt(tensor.shape)}: measured at {_fmt(dims)} "
+                                        f"({origin}; --input-shape to choose); the pruned model keeps the dynamic size")
         if not all(_is_static(d) for d in dims):
             raise UserInputError(
                 f"input '{tensor.name}' has dynamic dimensions {_fmt(tensor.shape)}; "
                 f"give --input-shape {tensor.name}:{'x'.join(str(d) if _is_static(d) else '?' for d in dims)}")
         shapes[tensor.name] = tuple(int(d) for d in dims)
-    return shapes
+    return shapes, probe_sizes
 
 
 def _is_static(dim) -> bool:

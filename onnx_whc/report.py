@@ -31,6 +31,7 @@ class AnalysisReport:
     groups: list[GroupReport]
     macs: int
     params: int
+    probe_sizes: dict[str, str] = field(default_factory=dict)  # dynamic image inputs: the size measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,6 +39,7 @@ class AnalysisReport:
     def summary(self) -> str:
         lines = [f"{len(self.groups)} channel groups, {sum(g.prunable for g in self.groups)} prunable; "
                  f"{self.macs / 1e6:.1f} M MACs, {self.params / 1e6:.3f} M params"]
+        lines += [f"size: {note}" for note in self.probe_sizes.values()]
         for g in self.groups:
             state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons[:2])
             members = ", ".join(g.producers[:3]) + (f" (+{len(g.producers) - 3})" if len(g.producers) > 3 else "")
@@ -66,6 +68,7 @@ class PruneReport:
     caveat: str | None = None  # one line for stderr when quality was measured on synthetic images
     search: dict | None = None  # --min-agreement / --min-r2: every probe of the budget search
     top1: dict | None = None  # --eval: {"before", "after", "on"} on the user's labelled images
+    probe_sizes: dict[str, str] = field(default_factory=dict)  # dynamic image inputs: the size measured
 
     @property
     def removed_channels(self) -> int:
@@ -100,6 +103,7 @@ class PruneReport:
         if self.target_macs is not None:
             chose = "allocated per group" if self.ratio is None else f"chose ratio {self.ratio:g}"
             lines.append(f"target MACs {self.target_macs:.1%}: {chose}, keeps {self.macs_kept:.2%}")
+        lines += [f"size: {note}" for note in self.probe_sizes.values()]
         fixed = [g for g in self.groups if not g.prunable]
         if fixed:
             lines.append(f"{len(fixed)} groups left whole, e.g. group {fixed[0].id}: {fixed[0].reasons[0]}")

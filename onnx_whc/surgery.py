@@ -11,7 +11,7 @@ import gc
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .dependency import ChannelAnalysis, pad_amounts, resize_channel_position, slice_params, split_sizes
+from .dependency import ChannelAnalysis, gemm_output_axis, pad_amounts, resize_channel_position, slice_params, split_sizes
 from .load import LoadedModel, return_freed_memory
 from .ops import consumer_weight_axis, node_rule, normalize_axis, param_channel_axis, rule_for
 from .select import PrunePlan
@@ -200,10 +200,23 @@ def _consumer(s: _Surgeon, node: gs.Node) -> None:
         s.slice_input(node, index, axis, mask)
 
 
+def _gemm(s: _Surgeon, node: gs.Node) -> None:
+    """Input features as any consumer; output features are rows of the weight and the bias."""
+    _consumer(s, node)
+    mask = s.keep(node.outputs[0])
+    if mask is None:
+        return
+    s.slice_input(node, 1, gemm_output_axis(node), mask)
+    if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        bias = node.inputs[2].values
+        if bias.ndim and bias.shape[-1] == len(mask):
+            s.slice_input(node, 2, bias.ndim - 1, mask)
+
+
 REWRITES = {
     "elementwise": _elementwise, "broadcast": _broadcast, "conv": _conv, "conv_transpose": _conv_transpose,
     "pad": _pad, "split": _split, "slice": _slice, "reshape": _reshape, "resize": _resize,
-    "gemm": _consumer, "matmul": _consumer,
+    "gemm": _gemm, "matmul": _gemm,
 }
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SHARED_MODELS = ["resnet20_cifar10.onnx", "resnet56_cifar10.onnx", "efficientnet_lite0_imagenet.onnx"]
+SHARED_MODELS = ["resnet20_cifar10.onnx", "resnet56_cifar10.onnx", "efficientnet_lite0_imagenet.onnx",
+                 "yolov8n_nudenet.onnx", "fer_emotion_minixception_tf2onnx.onnx", "facenet_mtcnn_onet_torch.onnx"]
 
 
 def shared_model(name: str) -> Path:

@@ -117,10 +117,10 @@ def test_report_kept_indices_are_the_surviving_filters(pruned_run):
 def test_analyze_prints_groups():
     result = invoke("analyze", BUNDLED)
     assert result.exit_code == 0
-    assert re.match(r"10 channel groups, 10 prunable; [\d.]+ M MACs", result.output)
+    assert re.match(r"11 channel groups, 10 prunable; [\d.]+ M MACs", result.output)
     assert "/conv1/Conv" in result.output
     as_json = json.loads(invoke("analyze", BUNDLED, "--json").output)
-    assert len(as_json["groups"]) == 10 and all(g["prunable"] for g in as_json["groups"])
+    assert len(as_json["groups"]) == 11 and [g["prunable"] for g in as_json["groups"]].count(False) == 1
 
 
 def test_analyze_prints_reasons(tmp_path):

@@ -236,6 +236,11 @@ def _no_conv_model() -> onnx.ModelProto:
     return graph_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 4])], [w, b])
 
 
+def _no_filter_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Flatten", ["r"], ["y"])]
+    return graph_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 48])], [])
+
+
 def _conv_feeds_output_model() -> onnx.ModelProto:
     net = Net(17, seed=0)
     net.output(net.conv(net.input(3, 8, 8), 6))
@@ -243,9 +248,10 @@ def _conv_feeds_output_model() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("make, why", [
-    (_no_conv_model, "the model has no Conv filters to remove"),
+    (_no_filter_model, "the model has no Conv, Gemm or MatMul filters to remove"),
+    (_no_conv_model, "no channel group can be pruned (group 0: feeds graph output 'y')"),
     (_conv_feeds_output_model, "no channel group can be pruned (group 0: feeds graph output 'conv_3')"),
-], ids=["no-conv", "no-prunable-group"])
+], ids=["no-filter", "no-conv", "no-prunable-group"])
 def test_nothing_to_prune(tmp_path, make, why):
     source = tmp_path / "in.onnx"
     onnx.save(make(), source)
@@ -308,19 +314,33 @@ def test_bad_input_shape(model_path, value, expected):
     assert expected in line
 
 
-def test_dynamic_dims_need_input_shape(tmp_path):
+def test_dynamic_image_size_is_measured_at_a_stated_size(tmp_path):
     net = Net(17, seed=0)
     x = net.input(3, 16, 16, dims=["N", 3, "H", "W"])
     net.output(net.head(net.act(net.conv(net.act(net.conv(x, 8)), 8)), 4))
     path = tmp_path / "dynamic.onnx"
     onnx.save(net.model(), path)
-    for command in ("prune", "analyze"):
-        line = error_line(cli(command, path), 2)
-        assert line == "error: input 'input' has dynamic dimensions Nx3xHxW; give --input-shape input:1x3x?x?"
-    result = cli("prune", path, "--input-shape", "input:1x3x16x16", "-o", tmp_path / "out.onnx")
-    assert result.exit_code == 0, result.output
-    assert [d.dim_param for d in onnx.load(tmp_path / "out.onnx").graph.input[0].type.tensor_type.shape.dim] == \
-        ["N", "", "H", "W"]
+    said = ("size: input 'input' is Nx3xHxW: measured at 1x3x224x224 (the default; --input-shape to choose); "
+            "the pruned model keeps the dynamic size")
+    result = cli("analyze", path)
+    assert result.exit_code == 0 and said in result.output, result.output
+    for shape in ((), ("--input-shape", "input:1x3x16x16")):
+        out = tmp_path / "out.onnx"
+        result = cli("prune", path, *shape, "--recover", "none", "-o", out)
+        assert result.exit_code == 0, result.output
+        assert (said in result.output) == (not shape)
+        assert [d.dim_param for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim] == \
+            ["N", "", "H", "W"]
+
+
+def test_dynamic_dims_that_are_not_an_image_size_need_input_shape(tmp_path):
+    net = Net(17, seed=0)
+    x = net.input(3, 16, 16, dims=["N", "C", "H", "W"])
+    net.output(net.act(net.conv(x, 8)))
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(net.model(), path)
+    line = error_line(cli("prune", path), 2)
+    assert line == "error: input 'input' has dynamic dimensions NxCxHxW; give --input-shape input:1x?x?x?"
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -177,3 +177,58 @@ def test_fp16_weights_keep_their_type(ratio):
     assert_small_cnn_pruned(pruned, ratio)
     assert {t.data_type for t in pruned.graph.initializer} == {TensorProto.FLOAT16}
     assert pruned.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+
+
+def _dynamic_cnn(head: str = "pool", imgsz: str | None = None) -> onnx.ModelProto:
+    """conv -> relu -> conv -> relu -> global pool (or flatten) -> gemm, input N x 3 x H x W."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 16, 16])
+    y = b.relu(b.conv(b.relu(b.conv(x, 16, name="c1")), 12, name="c2"))
+    y = b.flatten(b.global_average_pool(y) if head == "pool" else y)
+    model = b.build([b.gemm(y, 10, name="fc")])
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, ["N", None, "H", "W"]):
+        if name:
+            dim.dim_param = name
+    if imgsz:
+        model.metadata_props.add(key="imgsz", value=imgsz)
+    return model
+
+
+def test_dynamic_image_size_is_measured_at_the_default_and_stays_dynamic():
+    model = _dynamic_cnn()
+    loaded = load(model)
+    assert loaded.input_shapes == {"x": (1, 3, 224, 224)}
+    assert "measured at 1x3x224x224 (the default" in loaded.probe_sizes["x"]
+    pruned, _ = prune_and_compare(model, 0.5)
+    dims = pruned.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["N", "", "H", "W"]
+    # Analysis never fixed H and W: the pruned model computes what the zeroed original does at other sizes.
+    from onnx_whc.dependency import analyze_channels
+    from onnx_whc.equivalence import zeroed_reference
+    from onnx_whc.select import select
+    loaded = load(model)
+    analysis = analyze_channels(loaded)
+    reference = zeroed_reference(loaded, analysis, select(analysis, 0.5).removed_roots)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 40, 56)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    np.testing.assert_allclose(run(pruned), run(reference), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("imgsz, expected", [("[32, 48]", (32, 48)), ("64", (64, 64)), ("nonsense", (224, 224))])
+def test_dynamic_image_size_from_the_models_metadata(imgsz, expected):
+    loaded = load(_dynamic_cnn(imgsz=imgsz))
+    assert loaded.input_shapes["x"] == (1, 3, *expected)
+    origin = "the model's imgsz metadata" if expected != (224, 224) else "the default"
+    assert f"measured at 1x3x{expected[0]}x{expected[1]} ({origin}; --input-shape to choose)" in loaded.probe_sizes["x"]
+
+
+def test_given_input_shape_wins_over_the_probe_size():
+    loaded = load(_dynamic_cnn(imgsz="[32, 48]"), {"x": (1, 3, 20, 20)})
+    assert loaded.input_shapes["x"] == (1, 3, 20, 20) and not loaded.probe_sizes
+
+
+def test_dynamic_size_that_only_runs_at_one_size_asks_for_it():
+    from onnx_whc.errors import UserInputError
+    with pytest.raises(UserInputError, match=r"input 'x' has a dynamic size and the model does not run at "
+                                             r"1x3x224x224 .*; give --input-shape x:1x3x224x224"):
+        load(_dynamic_cnn(head="flatten"))

@@ -479,6 +479,51 @@ def test_flatten_into_fully_connected(head, pooled, ratio):
     assert in_channels(pruned, "fc") == keep(16, ratio) * (1 if pooled else 16)
 
 
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("opset", [9, 13, 17])
+@pytest.mark.parametrize("hidden", HEADS + ["matmul_add"])
+def test_hidden_fully_connected_layers_are_filters(hidden, opset, ratio):
+    """A VGG-style classifier: conv -> flatten -> FC 24 -> ReLU -> FC 12 -> ReLU -> FC 10 (output)."""
+    b = GraphBuilder(opset=opset)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.flatten(b.relu(b.conv(x, 16, stride=2, name="c1")))
+    for width, name in ((24, "fc1"), (12, "fc2")):
+        if hidden == "matmul_add":  # PyTorch's Linear on a 3-D input, or an older exporter: MatMul + Add
+            y = b.op("Add", [b.matmul(y, width, name=name), b.random([width], 0.1, f"{name}.bias")])
+        else:
+            y = _fully_connected(b, y, width, hidden, name)
+        y = b.relu(y)
+    pruned, _ = prune_and_compare(b.build([b.gemm(y, 10, name="out")]), ratio)
+    assert out_channels(pruned, "c1") == keep(16, ratio)
+    assert _features(pruned, "fc1") == keep(24, ratio)
+    assert _features(pruned, "fc2") == keep(12, ratio)
+    assert _features(pruned, "out") == 10  # feeds the graph output: whole
+    if hidden.startswith("gemm"):
+        assert weight(pruned, "fc1", 2).shape == (keep(24, ratio),)
+
+
+def _fully_connected(b, y, width, kind, name):
+    if kind == "matmul":
+        return b.matmul(y, width, name=name)
+    return b.gemm(y, width, trans_b=1 if kind == "gemm_transB1" else 0, name=name)
+
+
+def _features(model, name) -> int:
+    node, w = node_named(model, name), weight(model, name)
+    return w.shape[0] if node.op_type == "Gemm" and attr(node, "transB", 0) else w.shape[1]
+
+
+def test_a_gemm_with_one_bias_value_for_every_output_is_pruned():
+    b = GraphBuilder(dynamic_batch=False)
+    x = b.flatten(b.relu(b.conv(b.input("x", [1, 3, 4, 4]), 8, name="c1")))
+    weight_ = b.random([6, 128], 0.1, "fc.weight")
+    y = b.op("Gemm", [x, weight_, b.random([1, 1], 0.1, "fc.bias")], name="fc", transB=1)
+    y = b.op("Gemm", [b.relu(y), b.random([4, 6], 0.1, "out.weight"), b.random([1, 4], 0.1, "out.bias")],
+             name="out", transB=1)
+    pruned, _ = prune_and_compare(b.build([y]), 0.5)
+    assert _features(pruned, "fc") == 3 and weight(pruned, "fc", 2).shape == (1, 1)
+
+
 def _reshape_target(b, y, style):
     if style == "constant_1_F":
         return b.ints([1, 16 * 16])

@@ -436,3 +436,28 @@ def test_float16_models_recover_too():
     assert report.recovery["quality_after"]["fc"] >= report.recovery["quality_before"]["fc"]
     assert all(r["error_after"] < r["error_before"] for r in report.recovery["per_layer"])
     assert next(t for t in pruned.graph.initializer if t.name.startswith("c2")).data_type == onnx.TensorProto.FLOAT16
+
+
+def test_lsq_recovers_a_pruned_hidden_fully_connected_layer_exactly():
+    """fc1's removed rows are combinations of kept ones (no ReLU between): refitting fc2 undoes the pruning."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.flatten(b.global_average_pool(b.relu(b.conv(x, 8, name="c1"))))
+    model = b.build([b.gemm(b.gemm(y, 12, name="fc1"), 5, name="fc2")])
+    rng = np.random.default_rng(0)
+    w, bias = _get(model, "fc1.weight").copy(), _get(model, "fc1.bias").copy()
+    for row in (10, 11):
+        a, c = rng.normal(size=2)
+        w[row], bias[row] = a * w[0] + c * w[1], a * bias[0] + c * bias[1]
+    _set(model, "fc1.weight", w)
+    _set(model, "fc1.bias", bias)
+    group = next(g for g in analyze_channels(load(model)).groups
+                 if any(p.node.name == "fc1" for p, _ in g.producers))
+    original, pruned, keep, shapes = _pruned_pair(model, {group.id: 0.17}, {"fc1": [10, 11]})
+    assert _get(pruned, next(n.input[1] for n in pruned.graph.node if n.name == "fc1")).shape == (10, 8)
+    calib = rng.standard_normal((64, 4, 6, 6)).astype(np.float32)
+    held = rng.standard_normal((16, 4, 6, 6)).astype(np.float32)
+    assert _max_error(original, pruned, held) > 0.05
+    recovered, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq", ridge=0.0))
+    assert "fc2" in {r["layer"] for r in report["per_layer"]}
+    assert _max_error(original, recovered, held) < 1e-4
