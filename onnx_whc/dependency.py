@@ -18,7 +18,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .load import LoadedModel
-from .ops import node_rule, normalize_axis, rule_for
+from .ops import POOLS, node_rule, normalize_axis, rule_for
+from .reshape_target import reshape_target
 
 
 @dataclass
@@ -72,6 +73,10 @@ class ChannelAnalysis:
     maps: dict[str, np.ndarray]  # tensor name -> atom of each channel
     roots: np.ndarray  # atom -> root of its class
     spaces: list[Space] = field(default_factory=list)
+    axes: dict[str, int] = field(default_factory=dict)  # tensor -> its channel axis, where not 1
+
+    def axis(self, tensor_name: str) -> int:
+        return self.axes.get(tensor_name, 1)
 
     def keep_mask(self, tensor_name: str, removed_roots: np.ndarray) -> np.ndarray | None:
         """Which channels of a tensor survive when the given classes are removed."""
@@ -92,8 +97,10 @@ class _Tracer:
         self.spaces: list[Space] = []
         self.fixed: dict[int, str] = {}
         self.maps: dict[str, np.ndarray] = {}
+        self.axes: dict[str, int] = {}  # tensors whose channels run along an axis other than 1
         self.producers: list[Producer] = []
         self.node_spaces: dict[str, set[int]] = defaultdict(set)
+        self.absorbed: set[str] = set()  # nodes a handler of an earlier node already traced
 
     # ---- atoms -------------------------------------------------------------------------------
     def new_space(self, kind: str, node: str, size: int, fixed_reason: str | None = None) -> np.ndarray:
@@ -136,9 +143,22 @@ class _Tracer:
     def map_of(self, tensor) -> np.ndarray | None:
         return self.maps.get(tensor.name) if tensor is not None else None
 
-    def assign(self, node: gs.Node, tensor, atoms: np.ndarray) -> None:
+    def axis_of(self, tensor) -> int:
+        """The axis a traced tensor's channels run along (1 unless a Transpose or Reshape moved them)."""
+        return self.axes.get(tensor.name, 1)
+
+    def assign(self, node: gs.Node, tensor, atoms: np.ndarray, axis: int = 1) -> None:
         self.maps[tensor.name] = atoms
+        if axis != 1:
+            self.axes[tensor.name] = axis
         self.touch(node, atoms)
+
+    def channels_first(self, node: gs.Node, tensor) -> bool:
+        """Block the node (and say so) when it reads channels that a Transpose moved off axis 1."""
+        if self.map_of(tensor) is None or self.axis_of(tensor) == 1:
+            return True
+        self.block(node, f"{node.op} reads channels moved to axis {self.axis_of(tensor)}")
+        return False
 
     def touch(self, node: gs.Node, atoms: np.ndarray | None) -> None:
         if atoms is not None and len(atoms):
@@ -180,13 +200,16 @@ def _elementwise(t: _Tracer, node: gs.Node) -> None:
         return
     if node.op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].outputs:
         return t.block(node, "MaxPool indices encode channel positions")
+    axis = t.axis_of(node.inputs[0])
+    if (rule_for(node.op).params or node.op in POOLS) and not t.channels_first(node, node.inputs[0]):
+        return  # pools and per-channel parameters work on axis 1
     for index in rule_for(node.op).params:
         if t.has_input(node, index) and t.constant_values(node, index) is None:
             return t.block(node, f"{node.op} parameters are not constant")
     rank = t.rank(node.inputs[0])
     for out in node.outputs:
         if out is node.outputs[0] or t.rank(out) == rank:
-            t.assign(node, out, atoms)
+            t.assign(node, out, atoms, axis)
 
 
 def _broadcast(t: _Tracer, node: gs.Node) -> None:
@@ -197,7 +220,11 @@ def _broadcast(t: _Tracer, node: gs.Node) -> None:
         if tracked:
             t.block(node, f"{node.op} with an output of unknown or low rank")
         return
-    channels = t.shape(out)[1]
+    axes = {t.axis_of(x) for x in node.inputs if t.map_of(x) is not None and len(t.map_of(x)) > 1}
+    if len(axes) > 1:
+        return t.block(node, f"{node.op} of tensors whose channels run along different axes")
+    channel_axis = axes.pop() if axes else 1
+    channels = t.shape(out)[channel_axis]
     atoms_list = []
     for x in node.inputs:
         shape = t.shape(x)
@@ -205,7 +232,7 @@ def _broadcast(t: _Tracer, node: gs.Node) -> None:
             continue  # per-channel constants are sliced by surgery
         atoms = t.map_of(x)
         if atoms is None:
-            axis = None if shape is None else 1 - (rank - len(shape))
+            axis = None if shape is None else channel_axis - (rank - len(shape))
             if shape is None or (axis is not None and 0 <= axis < len(shape) and shape[axis] != 1):
                 return t.block(node, f"{node.op} with an operand whose channels cannot be traced")
             continue
@@ -223,7 +250,7 @@ def _broadcast(t: _Tracer, node: gs.Node) -> None:
         t.couple(first, atoms)
     for atoms in atoms_list[1:]:
         t.touch(node, atoms)
-    t.assign(node, out, first)
+    t.assign(node, out, first, channel_axis)
 
 
 def _conv(t: _Tracer, node: gs.Node) -> None:
@@ -232,6 +259,8 @@ def _conv(t: _Tracer, node: gs.Node) -> None:
         return t.block(node, "Conv weights are not constant", kind="conv")
     if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
         return t.block(node, "Conv bias is not constant", kind="conv")
+    if not t.channels_first(node, x):
+        return
     atoms_in = t.map_of(x)
     group = int(node.attrs.get("group", 1))
     c_out, per_group_in = weight.values.shape[0], weight.values.shape[1]
@@ -265,6 +294,8 @@ def _conv_transpose(t: _Tracer, node: gs.Node) -> None:
     weight = node.inputs[1]
     if not isinstance(weight, gs.Constant) or int(node.attrs.get("group", 1)) != 1:
         return t.block(node, "ConvTranspose with non-constant weights or groups", kind="conv")
+    if not t.channels_first(node, node.inputs[0]):
+        return
     t.touch(node, t.map_of(node.inputs[0]))
     atoms = t.new_space("conv", node.name, weight.values.shape[1])
     t.producers.append(Producer(node, atoms, 1))
@@ -276,21 +307,22 @@ def _pad(t: _Tracer, node: gs.Node) -> None:
     atoms = t.map_of(x)
     if atoms is None:
         return
-    begin, end, ok = pad_amounts(node, t.rank(x), 1, t.opset)
+    axis = t.axis_of(x)
+    begin, end, ok = pad_amounts(node, t.rank(x), axis, t.opset)
     if not ok:
         return t.block(node, "Pad amounts are computed at run time")
     batch_begin, batch_end, _ = pad_amounts(node, t.rank(x), 0, t.opset)
     if batch_begin or batch_end:
         return t.block(node, "Pad on the batch axis")
     if begin == 0 and end == 0:
-        return t.assign(node, out, atoms)
+        return t.assign(node, out, atoms, axis)
     mode = node.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode != "constant" or begin < 0 or end < 0:
         return t.block(node, f"Pad in mode {mode} on the channel axis")
     padding = t.new_space("pad", node.name, begin + end)
     t.touch(node, atoms)
-    t.assign(node, out, np.concatenate([padding[:begin], atoms, padding[begin:]]))
+    t.assign(node, out, np.concatenate([padding[:begin], atoms, padding[begin:]]), axis)
 
 
 def pad_amounts(node: gs.Node, rank: int, axis: int, opset: int) -> tuple[int, int, bool]:
@@ -316,6 +348,10 @@ def pad_amounts(node: gs.Node, rank: int, axis: int, opset: int) -> tuple[int, i
 def _concat(t: _Tracer, node: gs.Node) -> None:
     out = node.outputs[0]
     rank = t.rank(out)
+    axes = {t.axis_of(x) for x in node.inputs if t.map_of(x) is not None}
+    if len(axes) > 1:
+        return t.block(node, "Concat of tensors whose channels run along different axes")
+    channel_axis = axes.pop() if axes else 1
     parts = []
     for x in node.inputs:
         atoms = t.map_of(x)
@@ -325,17 +361,18 @@ def _concat(t: _Tracer, node: gs.Node) -> None:
                 if any(t.map_of(y) is not None for y in node.inputs):
                     return t.block(node, "Concat of tensors of unknown shape")
                 return
-            atoms = t.new_space("fixed", node.name, shape[1], f"constant channels joined by Concat (node {node.name})")
+            atoms = t.new_space("fixed", node.name, shape[channel_axis],
+                                f"constant channels joined by Concat (node {node.name})")
         parts.append(atoms)
     axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
-    if axis == 1:
-        return t.assign(node, out, np.concatenate(parts))
+    if axis == channel_axis:
+        return t.assign(node, out, np.concatenate(parts), channel_axis)
     if axis == 0 or any(len(p) != len(parts[0]) for p in parts):
         return t.block(node, f"Concat on axis {axis}")
     for p in parts[1:]:
         t.couple(parts[0], p)
         t.touch(node, p)
-    t.assign(node, out, parts[0])
+    t.assign(node, out, parts[0], channel_axis)
 
 
 def split_sizes(node: gs.Node, channels: int) -> list[int] | None:
@@ -359,18 +396,19 @@ def _split(t: _Tracer, node: gs.Node) -> None:
     if atoms is None:
         return
     axis = normalize_axis(int(node.attrs.get("axis", 0)), t.rank(node.inputs[0]))
-    if axis != 1:
+    channel_axis = t.axis_of(node.inputs[0])
+    if axis != channel_axis:
         if axis == 0:
             return t.block(node, "Split on the batch axis")
         for out in node.outputs:
-            t.assign(node, out, atoms)
+            t.assign(node, out, atoms, channel_axis)
         return
     sizes = split_sizes(node, len(atoms))
     if sizes is None or sum(sizes) != len(atoms):
         return t.block(node, "Split sizes are computed at run time")
     offsets = np.cumsum([0] + sizes)
     for out, lo, hi in zip(node.outputs, offsets[:-1], offsets[1:]):
-        t.assign(node, out, atoms[lo:hi])
+        t.assign(node, out, atoms[lo:hi], channel_axis)
 
 
 def slice_params(node: gs.Node, rank: int) -> dict[int, tuple[int, int, int]] | None:
@@ -401,14 +439,15 @@ def _slice(t: _Tracer, node: gs.Node) -> None:
     params = slice_params(node, t.rank(node.inputs[0]))
     if params is None:
         return t.block(node, "Slice bounds are computed at run time")
-    if 1 not in params:
-        return t.assign(node, node.outputs[0], atoms)
-    start, end, step = params[1]
+    axis = t.axis_of(node.inputs[0])
+    if axis not in params:
+        return t.assign(node, node.outputs[0], atoms, axis)
+    start, end, step = params[axis]
     if step != 1:
         return t.block(node, f"Slice with step {step} on the channel axis")
     lo, hi, _ = slice(start, end, step).indices(len(atoms))
     t.touch(node, atoms)
-    t.assign(node, node.outputs[0], atoms[lo:max(lo, hi)])
+    t.assign(node, node.outputs[0], atoms[lo:max(lo, hi)], axis)
 
 
 def _flatten(t: _Tracer, node: gs.Node) -> None:
@@ -417,10 +456,21 @@ def _flatten(t: _Tracer, node: gs.Node) -> None:
         return
     shape = t.shape(node.inputs[0])
     axis = normalize_axis(int(node.attrs.get("axis", 1)), len(shape))
-    if axis != 1 or any(not isinstance(d, int) for d in shape[2:]):
+    if axis != 1 or any(not isinstance(d, int) for d in shape[1:]):
         return t.block(node, f"Flatten on axis {axis} mixes channels with other axes")
-    # Feature index after flattening is c * H * W + hw: each channel repeats H*W times.
-    t.assign(node, node.outputs[0], np.repeat(atoms, int(np.prod(shape[2:], dtype=np.int64))))
+    t.assign(node, node.outputs[0], _flattened(atoms, shape, t.axis_of(node.inputs[0])))
+
+
+def _flattened(atoms: np.ndarray, shape: tuple, axis: int) -> np.ndarray:
+    """The channel of every feature of (N, d1, ..., dk) flattened row-major to (N, d1 * ... * dk).
+
+    Channels on axis 1: c * H * W + hw, each channel repeated; channels last (after a permute):
+    hw * C + c, the channels tiled. Any axis: the atoms broadcast along it.
+    """
+    dims = [int(d) for d in shape[1:]]
+    view = [1] * len(dims)
+    view[axis - 1] = len(atoms)
+    return np.broadcast_to(atoms.reshape(view), dims).ravel()
 
 
 def _reshape(t: _Tracer, node: gs.Node) -> None:
@@ -430,13 +480,57 @@ def _reshape(t: _Tracer, node: gs.Node) -> None:
     src, dst = t.shape(node.inputs[0]), t.shape(node.outputs[0])
     if src is None or dst is None or any(not isinstance(d, int) for d in src + dst):
         return t.block(node, "Reshape with unknown shapes")
-    if not isinstance(node.inputs[1], gs.Constant) and _shape_source_mentions(node.inputs[1], dst[1]):
+    target = reshape_target(node)
+    if target is None and _shape_source_mentions(node.inputs[1], dst[1]):
         return t.block(node, "Reshape target shape is computed at run time from the channel count")
+    axis = t.axis_of(node.inputs[0])
+    if axis == 1 and len(src) == 4 and len(dst) == 5 and dst[1] * dst[2] == src[1] and tuple(dst[3:]) == tuple(src[2:]):
+        return _channel_shuffle(t, node, atoms, dst[1])
     if len(dst) == 2 and dst[0] == src[0] and len(src) >= 2:
-        return t.assign(node, node.outputs[0], np.repeat(atoms, int(np.prod(src[2:], dtype=np.int64))))
-    if len(dst) >= 2 and dst[:2] == src[:2] and np.prod(dst[2:]) == np.prod(src[2:]):
+        return t.assign(node, node.outputs[0], _flattened(atoms, src, axis))
+    if axis == 1 and len(dst) >= 2 and dst[:2] == src[:2] and np.prod(dst[2:]) == np.prod(src[2:]):
         return t.assign(node, node.outputs[0], atoms)
+    moved = _moved_channel_axis(src, dst, axis)
+    if moved is not None:  # an SE gate's 1 x C x 1 x 1 <-> 1 x 1 x 1 x C: only the axis moves
+        return t.assign(node, node.outputs[0], atoms, moved)
     t.block(node, f"Reshape {'x'.join(map(str, src))} -> {'x'.join(map(str, dst))} mixes channels")
+
+
+def _moved_channel_axis(src: tuple, dst: tuple, axis: int) -> int | None:
+    """The new channel axis when a Reshape keeps the batch and every other axis is of size one."""
+    channels = src[axis]
+    rest_src = [d for i, d in enumerate(src[1:], 1) if i != axis]
+    sized = [i for i, d in enumerate(dst[1:], 1) if d == channels]
+    if dst[0] != src[0] or any(d != 1 for d in rest_src) or len(sized) != 1 or channels == 1:
+        return None
+    return sized[0] if all(d == 1 for i, d in enumerate(dst[1:], 1) if i != sized[0]) else None
+
+
+def _only_reader(tensor, op: str) -> gs.Node | None:
+    readers = list(tensor.outputs)
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+
+def _channel_shuffle(t: _Tracer, node: gs.Node, atoms: np.ndarray, groups: int) -> None:
+    """ShuffleNet's Reshape (N, g, C/g, H, W) -> Transpose(0, 2, 1, 3, 4) -> Reshape (N, C, H, W).
+
+    A fixed permutation: channel i * C/g + j moves to j * g + i. Every shuffle group must lose the
+    same positions j for the reshapes to stay valid, so those are coupled (as in a grouped Conv).
+    """
+    transpose = _only_reader(node.outputs[0], "Transpose")
+    merge = transpose and _only_reader(transpose.outputs[0], "Reshape")
+    src = t.shape(node.inputs[0])
+    if not merge or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3, 4] \
+            or tuple(t.shape(merge.outputs[0]) or ()) != tuple(src):
+        return t.block(node, f"Reshape {'x'.join(map(str, src))} -> {'x'.join(map(str, t.shape(node.outputs[0])))} "
+                             "splits the channels, and no channel shuffle follows")
+    blocks = atoms.reshape(groups, -1)
+    for k in range(1, groups):
+        t.couple(blocks[0], blocks[k])
+    t.touch(node, atoms)
+    t.touch(transpose, atoms)
+    t.absorbed.update((transpose.name, merge.name))
+    t.assign(merge, merge.outputs[0], blocks.T.ravel())
 
 
 def _shape_source_mentions(tensor, value: int) -> bool:
@@ -496,10 +590,12 @@ def _transpose(t: _Tracer, node: gs.Node) -> None:
     atoms = t.map_of(node.inputs[0])
     if atoms is None:
         return
-    perm = list(node.attrs.get("perm", []))
-    if perm[:2] == [0, 1]:
-        return t.assign(node, node.outputs[0], atoms)
-    t.block(node, "Transpose moves the channel axis")
+    rank = t.rank(node.inputs[0])
+    perm = [normalize_axis(int(p), rank) for p in node.attrs.get("perm", list(range(rank))[::-1])]
+    if perm[0] != 0:
+        return t.block(node, "Transpose moves the batch axis")
+    # Channels follow their axis (NHWC round trips, a permute before a flatten).
+    t.assign(node, node.outputs[0], atoms, perm.index(t.axis_of(node.inputs[0])))
 
 
 def _axes(t: _Tracer, node: gs.Node, rank: int) -> list[int] | None:
@@ -518,9 +614,15 @@ def _squeeze(t: _Tracer, node: gs.Node) -> None:
     out_rank = t.rank(node.outputs[0])
     rank = t.rank(node.inputs[0]) if node.op == "Squeeze" else out_rank
     axes = _axes(t, node, rank)
-    if axes is None or not axes and node.op == "Squeeze" or {0, 1} & set(axes or []):
+    axis = t.axis_of(node.inputs[0])
+    if axes is None or not axes and node.op == "Squeeze" or 0 in axes or node.op == "Squeeze" and axis in axes:
         return t.block(node, f"{node.op} moves the channel axis")
-    t.assign(node, node.outputs[0], atoms)
+    if node.op == "Squeeze":
+        axis -= sum(a < axis for a in axes)
+    else:
+        for a in sorted(axes):  # Unsqueeze's axes index the output
+            axis += a <= axis
+    t.assign(node, node.outputs[0], atoms, axis)
 
 
 def _reduce(t: _Tracer, node: gs.Node) -> None:
@@ -528,14 +630,19 @@ def _reduce(t: _Tracer, node: gs.Node) -> None:
     if atoms is None:
         return
     axes = _axes(t, node, t.rank(node.inputs[0]))
-    if not axes or {0, 1} & set(axes):
+    axis = t.axis_of(node.inputs[0])
+    if not axes or {0, axis} & set(axes):
         return t.block(node, f"{node.op} reduces over the channel or batch axis")
-    t.assign(node, node.outputs[0], atoms)
+    if not int(node.attrs.get("keepdims", 1)):
+        axis -= sum(a < axis for a in axes)
+    t.assign(node, node.outputs[0], atoms, axis)
 
 
 def _resize(t: _Tracer, node: gs.Node) -> None:
     atoms = t.map_of(node.inputs[0])
     if atoms is None:
+        return
+    if not t.channels_first(node, node.inputs[0]):
         return
     scale_index = 1 if node.op == "Upsample" or t.opset < 11 else 2
     scales = t.constant_values(node, scale_index)
@@ -570,9 +677,10 @@ def _softmax(t: _Tracer, node: gs.Node) -> None:
         return
     rank = t.rank(node.inputs[0])
     axis = normalize_axis(int(node.attrs.get("axis", -1 if t.opset >= 13 else 1)), rank)
-    if axis <= 1:
+    channel_axis = t.axis_of(node.inputs[0])
+    if axis in (0, channel_axis) or t.opset < 13 and axis <= channel_axis:  # before 13: over axis and all after
         return t.block(node, f"{node.op} over the channel axis")
-    t.assign(node, node.outputs[0], atoms)
+    t.assign(node, node.outputs[0], atoms, channel_axis)
 
 
 def _layernorm(t: _Tracer, node: gs.Node) -> None:
@@ -580,10 +688,11 @@ def _layernorm(t: _Tracer, node: gs.Node) -> None:
     if atoms is None:
         return
     axis = normalize_axis(int(node.attrs.get("axis", -1)), t.rank(node.inputs[0]))
-    if axis <= 1:
+    channel_axis = t.axis_of(node.inputs[0])
+    if axis <= channel_axis:  # normalises over axis and every one after it
         return t.block(node, "LayerNormalization over the channel axis")
     for out in node.outputs[:1]:
-        t.assign(node, out, atoms)
+        t.assign(node, out, atoms, channel_axis)
 
 
 def _shape_only(t: _Tracer, node: gs.Node) -> None:
@@ -625,6 +734,8 @@ def analyze_channels(loaded: LoadedModel) -> ChannelAnalysis:
             tracer.maps[tensor.name] = tracer.new_space("fixed", tensor.name, shape[1],
                                                         f"comes from graph input '{tensor.name}'")
     for node in graph.nodes:
+        if node.name in tracer.absorbed:
+            continue
         HANDLERS[node_rule(node).kind](tracer, node)
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             captured = _captured_names(gs.Graph(nodes=[node]))
@@ -703,4 +814,4 @@ def _build_groups(t: _Tracer) -> ChannelAnalysis:
             reasons.append("no filters to score")
         nodes = sorted(nodes_by_group.get(g, ()), key=lambda n: (node_order.get(n, len(node_order)), n))
         groups.append(ChannelGroup(len(groups), classes, producers, nodes, reasons))
-    return ChannelAnalysis(groups, t.maps, roots, t.spaces)
+    return ChannelAnalysis(groups, t.maps, roots, t.spaces, t.axes)

@@ -22,12 +22,12 @@ _ELEMENTWISE = (
     "ThresholdedRelu Identity Dropout Cast Erf Exp Log Abs Neg Sqrt Reciprocal Floor Ceil Round Sign "
     "Sin Cos IsNaN IsInf Not"
 ).split()
-_POOLS = "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()
+POOLS = tuple("MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split())
 _BROADCAST = "Add Sub Mul Div Max Min Sum Mean Pow Where Equal Greater Less GreaterOrEqual LessOrEqual And Or".split()
 _REDUCE = "ReduceMean ReduceMax ReduceMin ReduceSum ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceSumSquare".split()
 
 RULES: dict[str, Rule] = {
-    **{op: Rule("elementwise") for op in _ELEMENTWISE + _POOLS},
+    **{op: Rule("elementwise") for op in _ELEMENTWISE + list(POOLS)},
     "PRelu": Rule("elementwise", params=(1,)),
     "BatchNormalization": Rule("elementwise", params=(1, 2, 3, 4)),
     "InstanceNormalization": Rule("elementwise", params=(1, 2)),
@@ -96,15 +96,15 @@ def consumer_weight_axis(node) -> tuple[int, int] | None:
     return None
 
 
-def param_channel_axis(op: str, shape: tuple, rank: int) -> int | None:
+def param_channel_axis(op: str, shape: tuple, rank: int, channel_axis: int = 1) -> int | None:
     """Axis of a constant operand that runs along the activation's channels, if any.
 
     Normalisation parameters are 1-D per channel; everything else broadcasts numpy-style,
-    right-aligned against the activation's rank.
+    right-aligned against the activation's rank (whose channels run along `channel_axis`).
     """
     if op in ("BatchNormalization", "InstanceNormalization"):
         return 0
-    axis = 1 - (rank - len(shape))
+    axis = channel_axis - (rank - len(shape))
     if 0 <= axis < len(shape) and shape[axis] != 1:
         return axis
     return None

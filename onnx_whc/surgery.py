@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from .dependency import ChannelAnalysis, gemm_output_axis, pad_amounts, resize_channel_position, slice_params, split_sizes
 from .load import LoadedModel, return_freed_memory
 from .ops import consumer_weight_axis, node_rule, normalize_axis, param_channel_axis, rule_for
+from .reshape_target import reshape_target, rewrite_target
 from .select import PrunePlan
 
 
@@ -64,7 +65,7 @@ def _broadcast(s: _Surgeon, node: gs.Node) -> None:
         return
     for index, tensor in enumerate(node.inputs):
         if isinstance(tensor, gs.Constant):
-            axis = param_channel_axis(node.op, tensor.values.shape, s.rank(out))
+            axis = param_channel_axis(node.op, tensor.values.shape, s.rank(out), s.analysis.axis(out.name))
             if axis is not None and tensor.values.shape[axis] == len(mask):
                 s.slice_input(node, index, axis, mask)
 
@@ -105,27 +106,29 @@ def _pad(s: _Surgeon, node: gs.Node) -> None:
     if mask is None:
         return  # also tensors that carry no channels (shape computations) and have no recorded shape
     rank = s.rank(node.inputs[0])
-    begin, end, _ = pad_amounts(node, rank, 1, s.loaded.opset)
+    channel_axis = s.analysis.axis(node.outputs[0].name)
+    begin, end, _ = pad_amounts(node, rank, channel_axis, s.loaded.opset)
     if begin == 0 and end == 0:
         return
     new_begin, new_end = int(mask[:begin].sum()), int(mask[len(mask) - end:].sum()) if end else 0
     if "pads" in node.attrs:
         pads = list(node.attrs["pads"])
-        pads[1], pads[1 + rank] = new_begin, new_end
+        pads[channel_axis], pads[channel_axis + rank] = new_begin, new_end
         node.attrs["pads"] = pads
         return
     pads = np.asarray(node.inputs[1].values).copy()
     axes = list(range(rank))
     if len(node.inputs) > 3 and node.inputs[3].name:
         axes = [normalize_axis(int(a), rank) for a in np.asarray(node.inputs[3].values).ravel()]
-    i = axes.index(1)
+    i = axes.index(channel_axis)
     pads[i], pads[i + len(axes)] = new_begin, new_end
     s.set_input(node, 1, pads)
 
 
 def _split(s: _Surgeon, node: gs.Node) -> None:
     mask = s.keep(node.inputs[0])
-    if mask is None or normalize_axis(int(node.attrs.get("axis", 0)), s.rank(node.inputs[0])) != 1:
+    channel_axis = s.analysis.axis(node.inputs[0].name)
+    if mask is None or normalize_axis(int(node.attrs.get("axis", 0)), s.rank(node.inputs[0])) != channel_axis:
         return
     sizes = split_sizes(node, len(mask))
     offsets = np.cumsum([0] + sizes)
@@ -145,16 +148,17 @@ def _slice(s: _Surgeon, node: gs.Node) -> None:
         return
     rank = s.rank(node.inputs[0])
     params = slice_params(node, rank)
-    if 1 not in params:
+    channel_axis = s.analysis.axis(node.inputs[0].name)
+    if channel_axis not in params:
         return
-    start, end, step = params[1]
+    start, end, step = params[channel_axis]
     lo, hi, _ = slice(start, end, step).indices(len(mask))
     hi = max(lo, hi)
     new_lo = int(mask[:lo].sum())
     new_hi = new_lo + int(mask[lo:hi].sum())
     if "starts" in node.attrs:
         axes = [normalize_axis(int(a), rank) for a in node.attrs.get("axes", range(len(node.attrs["starts"])))]
-        i = axes.index(1)
+        i = axes.index(channel_axis)
         for key, value in (("starts", new_lo), ("ends", new_hi)):
             values = list(node.attrs[key])
             values[i] = value
@@ -164,7 +168,7 @@ def _slice(s: _Surgeon, node: gs.Node) -> None:
     axes = list(range(n))
     if len(node.inputs) > 3 and node.inputs[3].name:
         axes = [normalize_axis(int(a), rank) for a in np.asarray(node.inputs[3].values).ravel()]
-    i = axes.index(1)
+    i = axes.index(channel_axis)
     for index, value in ((1, new_lo), (2, new_hi)):
         values = np.asarray(node.inputs[index].values).copy().reshape(-1)
         values[i] = value
@@ -172,13 +176,18 @@ def _slice(s: _Surgeon, node: gs.Node) -> None:
 
 
 def _reshape(s: _Surgeon, node: gs.Node) -> None:
-    mask = s.keep(node.outputs[0])
-    if mask is None or not isinstance(node.inputs[1], gs.Constant):
-        return
-    shape = np.asarray(node.inputs[1].values).copy()
-    if shape[1] > 0:
-        shape[1] = int(mask.sum())
-        s.set_input(node, 1, shape)
+    """The target's channel count (feature count after a flatten; C/g where a channel shuffle splits it)."""
+    target = reshape_target(node)
+    if target is None:
+        return  # a run-time target that mentions no channel count: it adapts by itself
+    changes = {}
+    mask_in, mask_out = s.keep(node.inputs[0]), s.keep(node.outputs[0])
+    axis = s.analysis.axis(node.outputs[0].name)  # a moved SE gate's channels need not be on axis 1
+    if mask_out is not None and len(target.values) > axis and target.known(axis) and target.values[axis] > 0:
+        changes[axis] = int(mask_out.sum())
+    elif mask_out is None and mask_in is not None and len(target.values) == 5 and target.values[2] > 0:
+        changes[2] = int(mask_in.sum()) // target.values[1]  # the shuffle's split: every group lost alike
+    rewrite_target(node, target, changes, lambda old: old if s.readers.get(old, 0) <= 1 else f"{old}__{node.name}")
 
 
 def _resize(s: _Surgeon, node: gs.Node) -> None:

@@ -529,6 +529,8 @@ def _reshape_target(b, y, style):
         return b.ints([1, 16 * 16])
     if style == "constant_minus1_F":
         return b.ints([-1, 16 * 16])
+    if style in ("torch_features", "paddle_features"):  # the feature count written into a run-time target
+        return _target(b, y, [16 * 16], style.split("_")[0])
     # PyTorch's x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat with -1.
     n = b.op("Gather", [b.op("Shape", [y]), b.ints(0)], axis=0)
     n = b.op("Unsqueeze", [n, b.ints([0])])
@@ -536,7 +538,8 @@ def _reshape_target(b, y, style):
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("style", ["constant_1_F", "constant_minus1_F", "dynamic_shape_chain"])
+@pytest.mark.parametrize("style", ["constant_1_F", "constant_minus1_F", "dynamic_shape_chain", "torch_features",
+                                   "paddle_features"])
 def test_reshape_into_gemm(style, ratio):
     b = GraphBuilder(dynamic_batch=style != "constant_1_F")
     x = b.input("x", [1, 3, 8, 8])
@@ -549,14 +552,66 @@ def test_reshape_into_gemm(style, ratio):
 
 # ---- groups that must stay whole, each with its reason ----------------------------------------
 
-def _shuffle(b, y):
-    y = b.op("Reshape", [y, b.ints([0, 4, 4, 8, 8])])
-    y = b.transpose(y, perm=[0, 2, 1, 3, 4])
-    return b.op("Reshape", [y, b.ints([0, 16, 8, 8])])
+def _batch(b, y, style):
+    """The batch as PyTorch's x.size(0) (Shape -> Gather -> Unsqueeze) or paddle2onnx (Shape -> Slice)."""
+    if style == "torch":
+        return b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [y]), b.ints(0)], axis=0), b.ints([0])])
+    return b.op("Slice", [b.op("Shape", [y]), b.ints([0]), b.ints([1]), b.ints([0])])
+
+
+def _target(b, y, values, style):
+    """A Reshape target: a constant (0 copies the batch), or the batch read at run time and constants."""
+    if style == "constant":
+        return b.ints([0] + values)
+    return b.op("Concat", [_batch(b, y, style), b.ints(values)], axis=0)
+
+
+def _shuffle(b, y, groups=4, style="constant", name="shuffle"):
+    """ShuffleNet's channel_shuffle: view(N, g, C/g, H, W), transpose(1, 2), view(N, C, H, W)."""
+    c, h, w = b.static_shape(y)[1:]
+    split = b.op("Reshape", [y, _target(b, y, [groups, c // groups, h, w], style)], name=f"{name}.split")
+    moved = b.transpose(split, perm=[0, 2, 1, 3, 4])
+    return b.op("Reshape", [moved, _target(b, y, [-1, h, w], style)], name=f"{name}.merge")
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("style", ["constant", "torch", "paddle"])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_channel_shuffle_loses_the_same_positions_in_every_group(groups, style, ratio):
+    b = GraphBuilder(dynamic_batch=style != "constant")
+    x = b.input("x", [1, 3, 8, 8])
+    y = _shuffle(b, b.relu(b.conv(x, 16, name="c1")), groups, style)
+    model = b.build([b.conv(b.relu(y), 4, name="c2")])
+    pruned, plan = prune_and_compare(model, ratio)
+    kept = out_channels(pruned, "c1")
+    assert kept == in_channels(pruned, "c2") == groups * keep(16 // groups, ratio)  # the ratio applies per group
+    # c1's channel i * C/g + j: every shuffle group i lost the same positions j.
+    lost = ~analyze_channels(load(model)).keep_mask("c1", plan.removed_roots).reshape(groups, 16 // groups)
+    assert (lost == lost[0]).all()
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_shufflenet_v2_unit(ratio):
+    """torchvision's ShuffleNetV2 unit: split in halves, a branch on one, concat, channel shuffle."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv(x, 16, name="stem"))
+    for unit in range(2):
+        left, right = b.op("Split", [y, b.ints([8, 8])], outputs=2, axis=1)
+        right = b.relu(b.conv(right, 8, k=1, name=f"u{unit}.pw1"))
+        right = b.conv(right, 8, group=8, name=f"u{unit}.dw")
+        right = b.relu(b.conv(right, 8, k=1, name=f"u{unit}.pw2"))
+        y = _shuffle(b, b.op("Concat", [left, right], axis=1), 2, name=f"u{unit}.shuffle")
+    model = b.build([b.gemm(b.flatten(b.global_average_pool(y)), 5, name="fc")])
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "u0.pw1") == out_channels(pruned, "u1.pw1") == keep(8, ratio)
+    assert not [r for g in analyze(model).groups for r in g.reasons if "Reshape" in r or "Transpose" in r]
 
 
 UNPRUNABLE = {
-    "channel_shuffle": (_shuffle, "mixes channels"),
+    "channel_split_without_shuffle": (lambda b, y: b.op("Reshape", [b.op("Reshape", [y, b.ints([0, 4, 4, 8, 8])]),
+                                                                  b.ints([0, 16, 8, 8])]),
+                                      "splits the channels, and no channel shuffle follows"),
     "lrn": (lambda b, y: b.op("LRN", [y], size=3), "LRN mixes neighbouring channels"),
     "softmax_channels": (lambda b, y: b.softmax(y, axis=1), "Softmax over the channel axis"),
     "layer_norm_channels": (lambda b, y: b.op("LayerNormalization", [y, b.positive([16, 8, 8])], axis=1),
@@ -675,3 +730,91 @@ def test_split_segment_never_becomes_empty(segment):
     assert in_channels(pruned, "head0") == 1
     assert out_channels(pruned, "c1") == keep(16, 0.6)
     assert in_channels(pruned, "head1") == keep(16, 0.6) - 1
+
+
+def test_a_run_time_target_computed_otherwise_that_mentions_the_channel_count_blocks():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv(x, 16, stride=2, name="c1"))
+    batch = b.op("Max", [b.op("Slice", [b.op("Shape", [y]), b.ints([0]), b.ints([1]), b.ints([0])]), b.ints([1])])
+    flat = b.op("Reshape", [y, b.op("Concat", [batch, b.ints([256])], axis=0)])
+    model = b.build([b.gemm(flat, 10, name="fc")])
+    assert any("computed at run time from the channel count" in r for r in group_reasons(model, "c1"))
+    pruned, _ = prune_and_compare(model, 0.5)
+    assert out_channels(pruned, "c1") == 16
+
+
+# ---- channels moved off axis 1: NHWC round trips, SE gates in NHWC, permute before a flatten ------
+
+NHWC, NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_nhwc_round_trips_with_per_channel_constants_and_an_se_gate(opset, ratio):
+    """tf2onnx's MobileNetV3-style block: Conv -> NHWC -> HardSwish, per-channel scale and shift in NHWC
+    -> an SE gate computed in NCHW, reshaped 1xCx1x1 -> 1x1x1xC and multiplied in NHWC -> NCHW -> Conv."""
+    b = GraphBuilder(opset=opset)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.transpose(b.conv(x, 16, name="c1"), perm=NHWC)
+    y = b.op("HardSigmoid" if opset < 14 else "HardSwish", [y])
+    y = b.op("Add", [b.op("Mul", [y, b.positive([16], "scale")]), b.random([16], 0.1, "shift")])
+    gate = b.global_average_pool(b.transpose(y, perm=NCHW))
+    gate = b.sigmoid(b.conv(b.relu(b.conv(gate, 4, k=1, name="se1")), 16, k=1, name="se2"))
+    y = b.op("Mul", [y, b.op("Reshape", [gate, b.ints([-1, 1, 1, 16])])])
+    y = b.transpose(y, perm=NCHW)
+    model = b.build([b.conv(y, 4, name="c2")])
+    assert not [r for g in analyze(model).groups for r in g.reasons if "graph output" not in r]
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "c1") == out_channels(pruned, "se2") == in_channels(pruned, "c2") == keep(16, ratio)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("perm, flatten", [(NHWC, "Flatten"), (NHWC, "Reshape"), ([0, 3, 2, 1], "Reshape")],
+                         ids=["keras-permute-flatten", "nhwc-reshape", "torch-permute-0321-view"])
+def test_a_permute_before_a_flatten_maps_features_through_the_permutation(perm, flatten, ratio):
+    """Keras Permute + Flatten + Dense, and MTCNN's x.permute(0, 3, 2, 1).view(N, -1) + Linear."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    y = b.transpose(b.relu(b.conv(x, 8, stride=2, name="c1")), perm=perm)  # 3x3 maps
+    y = b.flatten(y) if flatten == "Flatten" else b.op("Reshape", [y, b.ints([0, -1])])
+    pruned, _ = prune_and_compare(b.build([b.gemm(b.relu(b.gemm(y, 12, name="fc1")), 5, name="fc2")]), ratio)
+    assert out_channels(pruned, "c1") == keep(8, ratio)
+    assert in_channels(pruned, "fc1") == keep(8, ratio) * 9
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_channels_last_concat_split_and_slice_follow_the_moved_axis(ratio):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.transpose(b.conv(x, 8, name="ca"), perm=NHWC)
+    c = b.transpose(b.conv(x, 8, name="cb"), perm=NHWC)
+    y = b.op("Concat", [a, c], axis=-1)
+    first, second = b.op("Split", [y, b.ints([10, 6])], outputs=2, axis=3)
+    y = b.op("Concat", [first, second], axis=3)
+    y = b.op("Slice", [y, b.ints([0]), b.ints([12]), b.ints([3])])
+    model = b.build([b.conv(b.transpose(y, perm=NCHW), 4, name="c2")])
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "ca") == out_channels(pruned, "cb") == keep(8, ratio)
+    assert keep(8, ratio) <= in_channels(pruned, "c2") <= keep(8, ratio) + 4  # the slice kept cb's first 4
+
+
+CHANNELS_LAST_BLOCKERS = {
+    "maxpool_on_nhwc": (lambda b, y: b.transpose(b.op("MaxPool", [b.transpose(y, perm=NHWC)], kernel_shape=[2, 2]),
+                                                 perm=NCHW), "MaxPool reads channels moved to axis 3"),
+    "conv_on_nhwc": (lambda b, y: b.transpose(b.conv(b.transpose(y, perm=NHWC), 8, name="wrong"), perm=NCHW),
+                     "Conv reads channels moved to axis 3"),
+    "reduce_over_moved_channels": (lambda b, y: b.op("ReduceMean", [b.transpose(y, perm=NHWC)], axes=[3]),
+                                   "reduces over the channel or batch axis"),
+    "batch_moved": (lambda b, y: b.transpose(y, perm=[1, 0, 2, 3]), "Transpose moves the batch axis"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANNELS_LAST_BLOCKERS))
+def test_ops_that_need_channels_on_axis_1_block_channels_last_tensors(case):
+    middle, reason = CHANNELS_LAST_BLOCKERS[case]
+    b = GraphBuilder(opset=17)
+    x = b.input("x", [1, 3, 8, 8])
+    y = middle(b, b.relu(b.conv(x, 8, name="c1")))
+    model = b.build([y])
+    assert any(reason in r for r in group_reasons(model, "c1")), group_reasons(model, "c1")
