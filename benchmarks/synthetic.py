@@ -16,6 +16,9 @@ Command line::
 
     python -m benchmarks.synthetic resnet50 --width 1.0 -o /tmp/r50.onnx
     python -m benchmarks.synthetic mobilenet_v2 --width 0.5 -o /tmp/mbv2.onnx
+    python -m benchmarks.synthetic shufflenet_v2 --runtime-batch -o /tmp/snv2.onnx
+    python -m benchmarks.synthetic shufflenet_v1 --groups 3 -o /tmp/snv1.onnx
+    python -m benchmarks.synthetic vgg11 --width 0.25 --image-size 64 -o /tmp/vgg11.onnx
     python -m benchmarks.synthetic size 500 -o /tmp/m500.onnx
 """
 
@@ -35,6 +38,9 @@ from onnx_whc.storage import copy_fields
 __all__ = [
     "resnet50",
     "mobilenet_v2",
+    "shufflenet_v2",
+    "shufflenet_v1",
+    "vgg11",
     "model_of_size",
     "save",
     "count_params",
@@ -74,6 +80,19 @@ _MOBILENET_V2_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# torchvision ShuffleNetV2 channels (conv1, stage2..4, conv5) by width multiplier.
+_SHUFFLENET_V2_CHANNELS = {
+    0.5: (24, 48, 96, 192, 1024),
+    1.0: (24, 116, 232, 464, 1024),
+    1.5: (24, 176, 352, 704, 1024),
+    2.0: (24, 244, 488, 976, 2048),
+}
+# ShuffleNet v1 stage 2..4 output channels by group count, as in the paper's Table 1.
+_SHUFFLENET_V1_CHANNELS = {1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480, 960),
+                           4: (272, 544, 1088), 8: (384, 768, 1536)}
+_SHUFFLENET_REPEATS = (4, 8, 4)
+# VGG-11 ("A"): conv widths, "M" for a 2x2 max pool.
+_VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 class _Builder:
@@ -90,6 +109,7 @@ class _Builder:
         self.rng = np.random.default_rng(seed)
         self.with_data = with_data
         self._names: set[str] = set()
+        self._counts: dict[tuple[str, str], int] = {}
 
     def _claim(self, name: str) -> str:
         if name in self._names:
@@ -134,6 +154,26 @@ class _Builder:
     def scalar(self, name: str, value: float) -> str:
         return self.initializer(name, np.array(value, dtype=np.float32), ())
 
+    def numbered(self, scope: str, op: str) -> str:
+        """torch's name for the next op of a kind in a scope: Reshape, Reshape_1, ..."""
+        count = self._counts.get((scope, op), 0)
+        self._counts[scope, op] = count + 1
+        return f"{scope}/{op}" + (f"_{count}" if count else "")
+
+    def constant(self, scope: str, values) -> str:
+        """int64 Constant node, the way torch exports shape and split arguments."""
+        value = helper.make_tensor("value", TensorProto.INT64, np.shape(values),
+                                   np.asarray(values, dtype=np.int64).ravel().tolist())
+        return self.node("Constant", [], self.numbered(scope, "Constant"), value=value)
+
+    def split(self, x: str, scope: str, sizes) -> list[str]:
+        """Split along channels with the sizes as an input (opset 13+), as x.chunk exports."""
+        split = self.constant(scope, sizes)
+        name = self._claim(self.numbered(scope, "Split"))
+        outputs = [self._claim(f"{name}_output_{i}") for i in range(len(sizes))]
+        self.graph.node.append(helper.make_node("Split", [x, split], outputs, name=name, axis=1))
+        return outputs
+
     def node(self, op: str, inputs, name: str, output: str | None = None, **attrs) -> str:
         """Adds a node named like torch does; returns its output tensor."""
         output = self._claim(output or f"{name}_output_0")
@@ -154,14 +194,20 @@ class _Builder:
             pads=[pad] * 4, strides=[stride, stride],
         )
 
+    def linear(self, x: str, scope: str, param: str, cin: int, cout: int, gain: float,
+               output: str | None = None, bias_std: float = _BIAS_STD) -> str:
+        """nn.Linear as torch exports it: Gemm with transB=1."""
+        w = self.weight(f"{param}.weight", (cout, cin), gain)
+        b = self.bias(f"{param}.bias", cout, std=bias_std)
+        return self.node("Gemm", [x, w, b], f"{scope}/Gemm", output=output,
+                         alpha=1.0, beta=1.0, transB=1)
+
     def head(self, x: str, cin: int, num_classes: int, pool: str, gemm_scope: str, param: str) -> str:
         """GlobalAveragePool -> Flatten -> Gemm producing 'logits'."""
         x = self.node("GlobalAveragePool", [x], f"{pool}/GlobalAveragePool")
         x = self.node("Flatten", [x], "/Flatten", axis=1)
-        w = self.weight(f"{param}.weight", (num_classes, cin), gain=1.0)
-        b = self.bias(f"{param}.bias", num_classes, std=0.01)
-        return self.node("Gemm", [x, w, b], f"{gemm_scope}/Gemm", output="logits",
-                         alpha=1.0, beta=1.0, transB=1)
+        return self.linear(x, gemm_scope, param, cin, num_classes, gain=1.0, output="logits",
+                           bias_std=0.01)
 
     def finish(self, image_size: int, num_classes: int) -> onnx.ModelProto:
         """Declares I/O and model metadata."""
@@ -288,6 +334,192 @@ def mobilenet_v2(width: float = 1.0, num_classes: int = 1000, image_size: int = 
     return b.finish(image_size, num_classes)
 
 
+# ------------------------------------------------------------------ ShuffleNets
+
+
+def _halved(size: int) -> int:
+    """Spatial size after a 3x3 stride-2 conv or pool with padding 1."""
+    return (size - 1) // 2 + 1
+
+
+def _batch_and(b: _Builder, batch: str, scope: str, dims) -> str:
+    """Concat(Unsqueeze(batch), dims...): a view's shape with the batch read at run time."""
+    pieces = [b.node("Unsqueeze", [batch, b.constant(scope, [0])], b.numbered(scope, "Unsqueeze"))]
+    pieces += [b.constant(scope, [d]) for d in dims]
+    return b.node("Concat", pieces, b.numbered(scope, "Concat"), axis=0)
+
+
+def _channel_shuffle(b: _Builder, x: str, scope: str, channels: int, groups: int, size: int,
+                     runtime_batch: bool = False) -> str:
+    """x.view(N, g, C/g, H, W).transpose(1, 2).view(N, C, H, W), with H and W static.
+
+    The batch is 0 (copy the input's) in constant targets, or with runtime_batch read from
+    Shape -> Gather(0) as a dynamic-batch torch export does.
+    """
+    grouped, merged = [groups, channels // groups, size, size], [channels, size, size]
+    if runtime_batch:
+        batch = b.node("Shape", [x], b.numbered(scope, "Shape"))
+        batch = b.node("Gather", [batch, b.constant(scope, 0)], b.numbered(scope, "Gather"), axis=0)
+        grouped_shape = _batch_and(b, batch, scope, grouped)
+        merged_shape = _batch_and(b, batch, scope, merged)
+    else:
+        grouped_shape, merged_shape = b.constant(scope, [0] + grouped), b.constant(scope, [0] + merged)
+    x = b.node("Reshape", [x, grouped_shape], b.numbered(scope, "Reshape"))
+    x = b.node("Transpose", [x], b.numbered(scope, "Transpose"), perm=[0, 2, 1, 3, 4])
+    return b.node("Reshape", [x, merged_shape], b.numbered(scope, "Reshape"))
+
+
+def _shufflenet_v2_unit(b: _Builder, x: str, scope: str, param: str, cin: int, cout: int,
+                        stride: int, size: int, runtime_batch: bool) -> str:
+    """torchvision ShuffleNetV2 InvertedResidual; size is the output's height and width."""
+    half = cout // 2
+
+    def pointwise(y: str, branch: str, index: int, c_in: int) -> str:
+        """1x1 conv + ReLU; the ReLU is the module after the BatchNorm folded into the conv."""
+        y = b.conv(y, f"{scope}/{branch}/{branch}.{index}", f"{param}.{branch}.{index}", c_in, half, 1)
+        return b.node("Relu", [y], f"{scope}/{branch}/{branch}.{index + 2}/Relu")
+
+    def depthwise(y: str, branch: str, index: int, channels: int) -> str:
+        # No ReLU follows, so no factor 2 in the gain.
+        return b.conv(y, f"{scope}/{branch}/{branch}.{index}", f"{param}.{branch}.{index}",
+                      channels, channels, 3, stride, group=channels, gain=1.0)
+
+    if stride == 1:
+        x1, x2 = b.split(x, scope, [cin // 2, cin // 2])
+    else:
+        x1 = pointwise(depthwise(x, "branch1", 0, cin), "branch1", 2, cin)
+        x2 = x
+    y = pointwise(x2, "branch2", 0, cin // 2 if stride == 1 else cin)
+    y = pointwise(depthwise(y, "branch2", 3, half), "branch2", 5, half)
+    y = b.node("Concat", [x1, y], b.numbered(scope, "Concat"), axis=1)
+    return _channel_shuffle(b, y, scope, cout, 2, size, runtime_batch)
+
+
+def shufflenet_v2(width: float = 1.0, num_classes: int = 1000, image_size: int = 224,
+                  seed: int = 0, runtime_batch: bool = False) -> onnx.ModelProto:
+    """torchvision ShuffleNetV2 (x0.5, x1.0, x1.5, x2.0) with BatchNorm folded.
+
+    Channel shuffles reshape to constant targets, or with runtime_batch to targets whose
+    batch is read from the tensor's Shape, as a dynamic-batch export writes them.
+    """
+    if width not in _SHUFFLENET_V2_CHANNELS:
+        raise ValueError(f"width must be one of {sorted(_SHUFFLENET_V2_CHANNELS)}")
+    stem, *stages, last = _SHUFFLENET_V2_CHANNELS[width]
+    b = _Builder("main_graph", seed)
+    x = b.conv("input", "/conv1/conv1.0", "conv1.0", 3, stem, 3, 2)
+    x = b.node("Relu", [x], "/conv1/conv1.2/Relu")
+    x = b.node("MaxPool", [x], "/maxpool/MaxPool", ceil_mode=0, dilations=[1, 1],
+               kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    cin, size = stem, _halved(_halved(image_size))
+    for stage, (repeats, cout) in enumerate(zip(_SHUFFLENET_REPEATS, stages), start=2):
+        size = _halved(size)
+        for index in range(repeats):
+            scope, param = f"/stage{stage}/stage{stage}.{index}", f"stage{stage}.{index}"
+            x = _shufflenet_v2_unit(b, x, scope, param, cin, cout, 2 if index == 0 else 1,
+                                    size, runtime_batch)
+            cin = cout
+    x = b.conv(x, "/conv5/conv5.0", "conv5.0", cin, last, 1)
+    x = b.node("Relu", [x], "/conv5/conv5.2/Relu")
+    # torchvision pools with x.mean([2, 3]).
+    x = b.node("ReduceMean", [x], "/ReduceMean", axes=[2, 3], keepdims=0)
+    b.linear(x, "/fc", "fc", last, num_classes, gain=1.0, output="logits", bias_std=0.01)
+    return b.finish(image_size, num_classes)
+
+
+def _shufflenet_v1_unit(b: _Builder, x: str, scope: str, param: str, cin: int, cout: int,
+                        groups: int, first_groups: int, stride: int, size: int) -> str:
+    """ShuffleNet v1 unit; size is the input's height and width.
+
+    Grouped 1x1 + ReLU, shuffle, depthwise 3x3, grouped 1x1; then Add the input (stride 1) or
+    Concat its 3x3 average pool (stride 2, the branch making up the missing channels); ReLU.
+    """
+    bottleneck = cout // 4
+    residual = stride == 1
+    y = b.conv(x, f"{scope}/g_conv_1x1_compress/conv1x1", f"{param}.g_conv_1x1_compress.conv1x1",
+               cin, bottleneck, 1, group=first_groups)
+    y = b.node("Relu", [y], f"{scope}/g_conv_1x1_compress/relu/Relu")
+    y = _channel_shuffle(b, y, scope, bottleneck, groups, size)
+    y = b.conv(y, f"{scope}/depthwise_conv3x3", f"{param}.depthwise_conv3x3",
+               bottleneck, bottleneck, 3, stride, group=bottleneck, gain=1.0)
+    y = b.conv(y, f"{scope}/g_conv_1x1_expand/conv1x1", f"{param}.g_conv_1x1_expand.conv1x1",
+               bottleneck, cout if residual else cout - cin, 1, group=groups,
+               gain=2.0 * _RESIDUAL_GAIN**2 if residual else 2.0)
+    if residual:
+        y = b.node("Add", [x, y], f"{scope}/Add")
+    else:
+        pooled = b.node("AveragePool", [x], f"{scope}/AveragePool", ceil_mode=0,
+                        count_include_pad=1, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+        y = b.node("Concat", [pooled, y], f"{scope}/Concat", axis=1)
+    return b.node("Relu", [y], f"{scope}/Relu")
+
+
+def shufflenet_v1(groups: int = 3, num_classes: int = 1000, image_size: int = 224,
+                  seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNet v1 (1x) with BatchNorm folded, the ONNX model zoo's topology at groups=3."""
+    if groups not in _SHUFFLENET_V1_CHANNELS:
+        raise ValueError(f"groups must be one of {sorted(_SHUFFLENET_V1_CHANNELS)}")
+    b = _Builder("main_graph", seed)
+    cin = 24
+    x = b.conv("input", "/conv1", "conv1", 3, cin, 3, 2)
+    x = b.node("Relu", [x], "/relu/Relu")
+    x = b.node("MaxPool", [x], "/maxpool/MaxPool", ceil_mode=0, dilations=[1, 1],
+               kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    size = _halved(_halved(image_size))
+    for stage, (repeats, cout) in enumerate(zip(_SHUFFLENET_REPEATS, _SHUFFLENET_V1_CHANNELS[groups]),
+                                            start=2):
+        for index in range(repeats):
+            scope, param = f"/stage{stage}/stage{stage}.{index}", f"stage{stage}.{index}"
+            stride = 2 if index == 0 else 1
+            # The 24-channel stem output is too narrow to split into groups.
+            first_groups = 1 if stage == 2 and index == 0 else groups
+            x = _shufflenet_v1_unit(b, x, scope, param, cin, cout, groups, first_groups, stride, size)
+            cin = cout
+            size = _halved(size) if stride == 2 else size
+    b.head(x, cin, num_classes, "/avgpool", "/fc", "fc")
+    return b.finish(image_size, num_classes)
+
+
+# ----------------------------------------------------------------------- VGG-11
+
+
+def _build_vgg11(b: _Builder, width: float, num_classes: int, image_size: int) -> onnx.ModelProto:
+    x, cin, size, index = "input", 3, image_size, 0
+    for item in _VGG11_CONFIG:
+        if item == "M":
+            x = b.node("MaxPool", [x], f"/features/features.{index}/MaxPool", ceil_mode=0,
+                       dilations=[1, 1], kernel_shape=[2, 2], pads=[0, 0, 0, 0], strides=[2, 2])
+            size, index = size // 2, index + 1
+            continue
+        cout = _scaled(item, width)
+        x = b.conv(x, f"/features/features.{index}", f"features.{index}", cin, cout, 3)
+        x = b.node("Relu", [x], f"/features/features.{index + 1}/Relu")
+        cin, index = cout, index + 2
+    # AdaptiveAvgPool2d((7, 7)) is the identity at 224x224 and left out: at other sizes the
+    # classifier reads the last feature map as it is.
+    x = b.node("Flatten", [x], "/Flatten", axis=1)
+    hidden, features = _scaled(4096, width), cin * size * size
+    x = b.linear(x, "/classifier/classifier.0", "classifier.0", features, hidden, gain=2.0)
+    x = b.node("Relu", [x], "/classifier/classifier.1/Relu")
+    x = b.linear(x, "/classifier/classifier.3", "classifier.3", hidden, hidden, gain=2.0)
+    x = b.node("Relu", [x], "/classifier/classifier.4/Relu")
+    b.linear(x, "/classifier/classifier.6", "classifier.6", hidden, num_classes, gain=1.0,
+             output="logits", bias_std=0.01)
+    return b.finish(image_size, num_classes)
+
+
+def vgg11(width: float = 1.0, num_classes: int = 1000, image_size: int = 224,
+          seed: int = 0) -> onnx.ModelProto:
+    """torchvision VGG-11 (no BatchNorm); conv and hidden widths = round(base * width).
+
+    Dropout vanishes in an eval-mode export. At width 1.0 this is ~133 M params (~530 MB).
+    """
+    if width <= 0:
+        raise ValueError("width must be positive")
+    if image_size < 32:
+        raise ValueError("image_size must be at least 32 (five 2x2 max pools)")
+    return _build_vgg11(_Builder("main_graph", seed), width, num_classes, image_size)
+
+
 # ------------------------------------------------------------ sized ResNet-50
 
 
@@ -378,9 +610,10 @@ def count_macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates per sample of the Conv and Gemm nodes.
 
     Shapes come from onnx shape inference on a data-free skeleton, so this
-    works for models beyond the 2 GiB protobuf limit.
+    works for models beyond the 2 GiB protobuf limit. Data propagation follows
+    reshape targets computed from Shape at run time (dynamic-batch exports).
     """
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model))
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
     shapes = {
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in list(inferred.graph.value_info) + list(inferred.graph.output)
@@ -509,10 +742,15 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.synthetic",
                                      description="Build a synthetic CNN ONNX model.")
     sub = parser.add_subparsers(dest="kind", required=True)
-    for name in ("resnet50", "mobilenet_v2"):
+    for name in ("resnet50", "mobilenet_v2", "shufflenet_v2", "vgg11"):
         p = sub.add_parser(name, help=f"{name} at a given width")
         p.add_argument("--width", type=float, default=1.0)
         p.add_argument("--image-size", type=int, default=224)
+    sub.choices["shufflenet_v2"].add_argument(
+        "--runtime-batch", action="store_true", help="shuffle targets read the batch from Shape")
+    p = sub.add_parser("shufflenet_v1", help="ShuffleNet v1 with a given group count")
+    p.add_argument("--groups", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=224)
     p = sub.add_parser("size", help="ResNet-50 with about TARGET_MB MB of weights")
     p.add_argument("target_mb", type=float)
     p.add_argument("--image-size", type=int, default=64)
@@ -528,7 +766,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
 def _build_from_args(args: argparse.Namespace) -> onnx.ModelProto:
     if args.kind == "size":
         return model_of_size(args.target_mb, args.seed, args.image_size, args.num_classes)
-    build = resnet50 if args.kind == "resnet50" else mobilenet_v2
+    if args.kind == "shufflenet_v1":
+        return shufflenet_v1(args.groups, args.num_classes, args.image_size, args.seed)
+    if args.kind == "shufflenet_v2":
+        return shufflenet_v2(args.width, args.num_classes, args.image_size, args.seed, args.runtime_batch)
+    build = {"resnet50": resnet50, "mobilenet_v2": mobilenet_v2, "vgg11": vgg11}[args.kind]
     return build(args.width, args.num_classes, args.image_size, args.seed)
 
 

@@ -2,14 +2,16 @@
 
 A model is a random sequence of blocks, each applied to a random live tensor: conv layers
 (plain, depthwise, grouped, with BatchNorm and activations), residual adds (identity and
-option-A strided-slice + channel-pad shortcuts), concats, channel splits, SE gates, pooling
-and upsampling. Every tensor left unread at the end becomes a graph output, raw or through a
-head (global pool or plain flatten, then Gemm or MatMul). Opsets 13 to 18.
+option-A strided-slice + channel-pad shortcuts), concats, channel splits, SE gates, pooling,
+upsampling, NHWC round trips and channel shuffles. Every tensor left unread at the end becomes a
+graph output, raw or through a head (global pool or plain flatten, or a permute and flatten into
+hidden fully connected layers, then Gemm or MatMul). Opsets 13 to 18.
 """
 
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import numpy as np
 
 from .builder import ACTIVATIONS, Net
 
@@ -148,20 +150,54 @@ def upsample(draw, g: _Graph) -> None:
     g.put(g.net.upsample(g.take(x)))
 
 
+def nhwc_round_trip(draw, g: _Graph) -> None:
+    """tf2onnx's layout round trip: to NHWC, an activation and per-channel scale there, back to NCHW."""
+    x = g.pick(draw)
+    net = g.net
+    c, h, w = net.shape[x]
+    y = net.node("Transpose", [g.take(x)], (h, w, c), perm=[0, 2, 3, 1])
+    y = net.node(draw(st.sampled_from(["Relu", "Sigmoid", "Tanh"])), [y], (h, w, c))
+    if draw(st.booleans()):
+        y = net.node("Mul", [y, net.const(net.rng.uniform(0.5, 1.5, c).astype(np.float32), "nhwc_scale")], (h, w, c))
+    g.put(net.node("Transpose", [y], (c, h, w), perm=[0, 3, 1, 2]))
+
+
+def shuffle(draw, g: _Graph) -> None:
+    """ShuffleNet's channel shuffle: Reshape (g, C/g), Transpose(0, 2, 1, 3, 4), Reshape back."""
+    x = g.pick(draw, lambda s: any(s[0] % k == 0 and k < s[0] for k in (2, 3, 4)))
+    if x is None:
+        return conv(draw, g)
+    net = g.net
+    c, h, w = net.shape[x]
+    groups = draw(st.sampled_from([k for k in (2, 3, 4) if c % k == 0 and k < c]))
+    y = net.node("Reshape", [g.take(x), net.ints([0, groups, c // groups, h, w])], (groups, c // groups, h, w))
+    y = net.node("Transpose", [y], (c // groups, groups, h, w), perm=[0, 2, 1, 3, 4])
+    g.put(net.node("Reshape", [y, net.ints([0, c, h, w])], (c, h, w)))
+
+
 BLOCKS = {
     "conv": conv, "depthwise": depthwise, "grouped": grouped, "residual": residual, "add": add_two,
     "concat": concat, "split": split, "se": se_gate, "pool": pool, "upsample": upsample,
+    "nhwc": nhwc_round_trip, "shuffle": shuffle,
 }
 
 
 def _finish(draw, g: _Graph, x: str) -> None:
     """Make an unread tensor a graph output: raw (its channels stay) or through a classifier head."""
     net = g.net
-    kind = draw(st.sampled_from(["raw", "pool_gemm", "reduce_matmul", "flatten_gemm"]))
+    kind = draw(st.sampled_from(["raw", "pool_gemm", "reduce_matmul", "flatten_gemm", "permute_flatten_gemms"]))
     if kind == "raw":
         net.output(x)
     elif kind == "flatten_gemm":
         net.output(net.gemm(net.flatten(x), draw(st.integers(1, 6))))
+    elif kind == "permute_flatten_gemms":  # Keras Permute/torch permute, Flatten, hidden Dense layers
+        perm = draw(st.sampled_from([[0, 2, 3, 1], [0, 3, 2, 1]]))
+        c, h, w = net.shape[x]
+        y = net.node("Transpose", [x], tuple((c, h, w)[p - 1] for p in perm[1:]), perm=perm)
+        y = net.flatten(y)
+        for _ in range(draw(st.integers(1, 2))):
+            y = net.act(net.gemm(y, draw(st.integers(1, MAX_CHANNELS)), matmul=draw(st.booleans())), "Relu")
+        net.output(net.gemm(y, draw(st.integers(1, 6))))
     else:
         net.output(net.head(x, draw(st.integers(1, 6)), reduce=kind == "reduce_matmul",
                             matmul=kind == "reduce_matmul"))
