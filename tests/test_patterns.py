@@ -575,13 +575,13 @@ def _shuffle(b, y, groups=4, style="constant", name="shuffle"):
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("style", ["constant", "torch", "paddle"])
+@pytest.mark.parametrize("style, opset", [("constant", 11), ("constant", 17), ("torch", 17), ("paddle", 13)])
 @pytest.mark.parametrize("groups", [2, 4])
-def test_channel_shuffle_loses_the_same_positions_in_every_group(groups, style, ratio):
-    b = GraphBuilder(dynamic_batch=style != "constant")
+def test_channel_shuffle_loses_the_same_positions_in_every_group(groups, style, opset, ratio):
+    b = GraphBuilder(opset=opset, dynamic_batch=style != "constant")
     x = b.input("x", [1, 3, 8, 8])
     y = _shuffle(b, b.relu(b.conv(x, 16, name="c1")), groups, style)
-    model = b.build([b.conv(b.relu(y), 4, name="c2")])
+    model = b.build([b.conv(b.relu(y), 4, name="c2", c_in=16)])
     pruned, plan = prune_and_compare(model, ratio)
     kept = out_channels(pruned, "c1")
     assert kept == in_channels(pruned, "c2") == groups * keep(16 // groups, ratio)  # the ratio applies per group
@@ -818,3 +818,17 @@ def test_ops_that_need_channels_on_axis_1_block_channels_last_tensors(case):
     y = middle(b, b.relu(b.conv(x, 8, name="c1")))
     model = b.build([y])
     assert any(reason in r for r in group_reasons(model, "c1")), group_reasons(model, "c1")
+
+
+def test_layer_norm_decomposed_over_the_channel_axis_blocks_with_its_reason():
+    """LayerNorm as older exporters write it: mean and variance by ReduceMean over the channels."""
+    b = GraphBuilder(opset=17)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(x, 16, name="c1")
+    centred = b.op("Sub", [y, b.op("ReduceMean", [y], axes=[1])])
+    spread = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[1])
+    y = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [spread, b.const(np.float32(1e-5))])])])
+    model = b.build([b.conv(y, 4, name="c2")])
+    assert any("ReduceMean reduces over the channel or batch axis" in r for r in group_reasons(model, "c1"))
+    pruned, _ = prune_and_compare(model, 0.4)
+    assert out_channels(pruned, "c1") == 16
