@@ -60,6 +60,16 @@ CELLS = {
     "inner-fpgm-none": ("fpgm", False, "none", ("/conv1/*", "*conv2*")),
 }
 INNER = [name for name in CELLS if name.startswith("inner")]
+# Variants tried for mobile nets and not kept: measured on the commit that had their code, with
+# `git checkout <commit>` and `[WHC_COMPENSATE=1] python -m benchmarks.recovery --one '[model, budget, cell, 8, null]'`;
+# their records carry "code" (the commit) and "variant" (the name here).
+OTHER_CODE = {
+    "refit": ("442ba71", "refit", "", "criterion `refit`: greedy least-squares selection (ThiNet's, closed form on "
+              "each reader's input covariance), allocation probes fill removed channels with their mean"),
+    "compensated": ("442ba71", "default", "WHC_COMPENSATE=1 ", "criterion `energy`; allocation probes fill removed "
+                    "channels with their least-squares prediction from the kept ones (damage after a reader refit)"),
+    "refit-compensated": ("442ba71", "refit", "WHC_COMPENSATE=1 ", "both of the above"),
+}
 # The big model gets the cells that answer the questions; its peers' uniform rows add little.
 MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm",
                                       "random"]}
@@ -139,7 +149,7 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
     lines += [markdown_table(["model", "budget", "round-to", "MACs removed", "target top-1", "top-1", "",
                               "recovery time", "peak memory"], rows), ""]
     for model in models:
-        cells = [r for r in results if r["model"] == model]
+        cells = [r for r in results if r["model"] == model and "code" not in r]
         if not cells:
             continue
         lines += [f"## {model} (unpruned {_pct(BASELINES[model])})", ""]
@@ -152,7 +162,28 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
                          f"{r['recover_seconds'] or 0:.1f}", f"{r['total_seconds']:.1f}", r["peak_rss_mib"]])
         lines += [markdown_table(["budget (MACs kept ≤)", "round-to", "MACs kept", "criterion", "ratios", "recovery", "top-1",
                                   "fidelity", "select s", "recovery s", "total s", "peak MiB"], rows), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _other_code(results))
+
+
+def _other_code(results: list[dict]) -> list[str]:
+    """Variants whose code is not in this version, beside this version's default cell."""
+    others = [r for r in results if "code" in r]
+    if not others:
+        return []
+    lines = ["## Variants tried and not kept", "",
+             "Each measured on the commit that holds its code (branch `experiment/refit-selection`); the default "
+             "row is this version's. Command: `git checkout COMMIT && ENV python -m benchmarks.recovery --one "
+             "'[\"MODEL\", BUDGET, \"CELL\", 8, null]'`.", ""]
+    rows = []
+    for r in sorted(others, key=lambda r: (r["model"], list(OTHER_CODE).index(r["variant"]))):
+        commit, cell, env, what = OTHER_CODE[r["variant"]]
+        default = next((d for d in results if d["model"] == r["model"] and d["budget"] == r["budget"]
+                        and d["cell"] == "default" and d["round_to"] == r["round_to"] and "code" not in d), None)
+        rows.append([r["model"], f"{r['budget']:.2f}", r["variant"], what, f"`{commit}` {env}{cell}",
+                     f"{r['macs_kept']:.3f}", _pct(r["top1"]), _pct(default and default["top1"]),
+                     f"{r['total_seconds']:.0f}", r["peak_rss_mib"]])
+    return lines + [markdown_table(["model", "budget", "variant", "what", "commit, env, cell", "MACs kept", "top-1",
+                                    "default top-1", "total s", "peak MiB"], rows), ""]
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from .progress import progress_bar
 from .errors import UserInputError, ValidationError
 from .load import load
 from .metrics import model_cost
+from .profile import LayerTime, by_layer, layer_macs, layer_times, node_names, node_times
 from .validate import best_providers, random_inputs, session, time_pair
 
 
@@ -56,6 +57,8 @@ class BenchResult:
     params_original: int
     params_pruned: int
     batches: list[BatchTiming] = field(default_factory=list)
+    layers: list[LayerTime] = field(default_factory=list)  # --layers: the slowest nodes, profiled
+    layers_batch: int | None = None
 
     @property
     def ideal_speedup(self) -> float:
@@ -68,6 +71,8 @@ class BenchResult:
         for row, timing in zip(data["batches"], self.batches):
             row["speedup"] = timing.speedup
             row["of_ideal"] = timing.speedup / self.ideal_speedup if self.ideal_speedup else 0.0
+        for row, layer in zip(data["layers"], self.layers):
+            row["speedup"], row["ideal"] = layer.speedup, layer.ideal
         return data
 
     def to_json(self) -> str:
@@ -85,7 +90,25 @@ class BenchResult:
         for row in self.batches:
             lines.append(f"{row.batch:5d}  {_fmt(row.original):>23}  {_fmt(row.pruned):>23}  "
                          f"{row.speedup:6.2f}x  {row.speedup / self.ideal_speedup if self.ideal_speedup else 0:8.0%}")
+        if self.layers:
+            lines += [f"slowest {len(self.layers)} layers of the original at batch {self.layers_batch} "
+                      "(ONNX Runtime profiler, mean kernel ms; ideal = MACs ratio)",
+                      f"{'layer':<40}  {'op':<14}  {'original':>8}  {'pruned':>8}  {'speedup':>7}  {'ideal':>6}"]
+            for layer in self.layers:
+                lines.append(f"{_short(layer.node):<40}  {layer.op:<14}  {layer.ms_original:8.3f}  "
+                             f"{_opt(layer.ms_pruned, '8.3f')}  {_opt(layer.speedup, '6.2f', 'x')}  "
+                             f"{_opt(layer.ideal, '5.2f', 'x')}")
         return "\n".join(lines)
+
+
+def _short(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def _opt(value: float | None, spec: str, unit: str = "") -> str:
+    """A number, or n/a where there is none (a node fused away, a layer without MACs)."""
+    width = int(spec.split(".")[0]) + len(unit)
+    return f"{value:{spec}}{unit}" if value is not None else "n/a".rjust(width)
 
 
 def _fmt(t: Timing) -> str:
@@ -102,10 +125,12 @@ def compare(
     progress: bool = False,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     threads: int | None = None,
+    layers: int = 0,
 ) -> BenchResult:
     """Time both models (paths or ModelProtos) at each batch size; raise UserInputError when one fails.
 
     `threads` pins ONNX Runtime's intra-op threads: on a busy machine one thread gives steadier numbers.
+    `layers` > 0 profiles both models at the first batch size and reports the slowest nodes.
     """
     batches = _check_counts(batches, runs, warmup)
     if threads is not None and threads < 1:
@@ -119,6 +144,8 @@ def compare(
     for model in loaded.values():
         _check_batch_dims(model, batches)
     costs = {role: model_cost(m.graph, m.shapes) for role, m in loaded.items()}
+    macs = {role: layer_macs(m) for role, m in loaded.items()} if layers else {}
+    names = {role: node_names(m) for role, m in loaded.items()} if layers else {}
     del loaded  # the graphs hold every weight; ONNX Runtime is about to load its own copy
     try:
         providers = best_providers(provider)
@@ -136,6 +163,13 @@ def compare(
             _run_once(sess, feeds, role, batch)
         times_original, times_pruned = time_pair(sessions["original"], sessions["pruned"], feeds, runs, warmup)
         result.batches.append(BatchTiming(batch, Timing.of(times_original), Timing.of(times_pruned)))
+    if layers > 0:
+        feeds = random_inputs(sessions["original"], inputs["original"], batches[0])
+        del sessions  # profiling sessions of their own: profiling slows every run it records
+        times = {role: by_layer(node_times(model, providers, feeds, runs, warmup, threads), names[role])
+                 for role, model in progress_bar(progress, "profiling layers")(list(models.items()))}
+        result.layers = layer_times(times["original"], times["pruned"], macs["original"], macs["pruned"], layers)
+        result.layers_batch = batches[0]
     return result
 
 

@@ -264,11 +264,13 @@ def analyze(model, as_json, input_shape):
               help="ONNX Runtime provider (default: CUDA when it really works, else CPU).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per physical core).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@click.option("--layers", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Also profile both models at the first batch size and show the N slowest nodes, before and after.")
 @_input_shape
-def bench(original, pruned, batches, runs, warmup, provider, threads, json_path, input_shape):
+def bench(original, pruned, batches, runs, warmup, provider, threads, json_path, layers, input_shape):
     """Compare the latency of ORIGINAL and PRUNED side by side, against the speedup their MACs promise."""
     result = compare(original, pruned, parse_batches(batches), provider, runs, warmup, progress=True,
-                     input_shapes=parse_input_shapes(input_shape), threads=threads)
+                     input_shapes=parse_input_shapes(input_shape), threads=threads, layers=layers)
     click.echo(result.summary())
     if json_path:
         _write_text(json_path, result.to_json(), "--json")

@@ -72,6 +72,25 @@ def test_compare_accepts_model_protos(pair):
     assert result.to_dict()["batches"][0]["batch"] == 2
 
 
+def test_layers_are_profiled_per_layer_of_the_model_with_their_macs(pair):
+    """The slowest layers by name (ONNX Runtime's renamed, fused nodes traced back), with the MACs ratio."""
+    original, pruned, report = pair
+    result = compare(original, pruned, batches=(4,), provider="cpu", runs=3, warmup=1, threads=1, layers=20)
+    assert result.layers_batch == 4
+    layers = {layer.node: layer for layer in result.layers}
+    assert {"stem", "depthwise", "pointwise", "head"} <= set(layers)
+    assert all(layer.ms_original > 0 for layer in result.layers)
+    assert [layer.ms_original for layer in result.layers] == sorted((l.ms_original for l in result.layers), reverse=True)
+    pointwise = layers["pointwise"]  # 16 -> 8 inputs and 24 -> 12 outputs: a quarter of the MACs
+    assert pointwise.macs_original == 4 * pointwise.macs_pruned and pointwise.ideal == pytest.approx(4.0)
+    assert pointwise.speedup == pytest.approx(pointwise.ms_original / pointwise.ms_pruned)
+    table = result.summary().splitlines()
+    assert table[4].startswith(f"slowest {len(result.layers)} layers of the original at batch 4")
+    assert json.loads(result.to_json())["layers"][0]["node"] == result.layers[0].node
+    top = compare(original, pruned, batches=(4,), provider="cpu", runs=2, warmup=0, threads=1, layers=2)
+    assert len(top.layers) == 2
+
+
 def test_cli_bench_writes_json(pair, tmp_path):
     original, pruned, report = pair
     out = tmp_path / "bench.json"
