@@ -19,6 +19,7 @@ from .recover import RecoverySettings
 from .recovery.replay import run_model
 from .report import AnalysisReport, PruneReport, SweepReport, SweepRow, cost_dict, group_reports, validation_dict
 from .search import QualityFloor, search_budget
+from .speed_target import SpeedTarget, Timer
 from .storage import save
 from .progress import progress_bar
 from .validate import best_providers
@@ -94,6 +95,7 @@ def prune(
     floor: QualityFloor | None = None,
     synthetic: bool = True,
     eval_set=None,
+    speed: SpeedTarget | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove floor(ratio * N) channels from every prunable group; return the model and a report.
 
@@ -107,20 +109,25 @@ def prune(
     (`recover`: auto, none, bias, stats, lsq; see `onnx_whc.recover`) refits the changed layers.
     Quality (`onnx_whc.quality`) is measured on held-out samples. `floor` (a `QualityFloor`)
     prunes as far as the recovered model keeps that quality, searching the allocator's path.
-    `eval_set` (a labelled image folder or CSV) adds top-1 before and after.
+    `eval_set` (a labelled image folder or CSV) adds top-1 before and after. `speed` (a
+    `SpeedTarget`) prunes until the model is measured that much faster on `provider`.
     """
-    ratio, target_macs = _check_budget(ratio, target_macs, floor)
+    ratio, target_macs = _check_budget(ratio, target_macs, floor, speed)
     if validate:
         best_providers(provider)  # a wrong --provider fails now, not after the pruning
     clock = _Clock()
     with clock("analyzed"):
         run = Pipeline(model, input_shapes, calib, calib_size, preprocess, seed, synthetic, recover, criterion,
                        allocate, exclude, round_to, recovery_settings, progress,
-                       measure=validate or bool(floor) or eval_set is not None, needs_data=bool(floor))
+                       measure=validate or bool(floor) or eval_set is not None or speed is not None,
+                       needs_data=bool(floor))
         labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
     with clock("selected"):
-        search = None
-        if floor:
+        search = speed_search = None
+        if speed is not None:
+            speed_search = run.speed_search(speed, provider)
+            plan, allocation = speed_search.plan, speed_search.allocation
+        elif floor:
             search = search_budget(run.allocator, run.analysis, run.recovered, run.probe, floor,
                                    progress_bar(progress, "searching the budget"))
             plan, allocation, target_macs = search.plan, search.allocation, search.macs_kept
@@ -141,6 +148,11 @@ def prune(
     report.target_macs, report.recovery, report.calibration = target_macs, recovery_report, run.data_described
     report.allocation = allocation.to_dict() if allocation else None
     report.search = search.to_dict() if search else None
+    if speed_search is not None:
+        with clock("timed"):  # the recovered model, timed as its plan was: recovery changes no shape
+            original_ms, pruned_ms = Timer(run.original, run.loaded.input_shapes, speed, provider).measure(pruned)
+        report.speed = {**speed_search.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
+                        "final_ms": round(pruned_ms, 3)}
     report.probe_sizes = run.loaded.probe_sizes
     if validate and plan.removed_channels:  # an unchanged model needs no checking
         with clock("validated"):
@@ -160,8 +172,14 @@ def prune(
     return pruned, report
 
 
-def _check_budget(ratio, target_macs, floor) -> tuple[float | None, float | None]:
+def _check_budget(ratio, target_macs, floor, speed=None) -> tuple[float | None, float | None]:
     given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs)) if value is not None]
+    if speed is not None:
+        if given or floor:
+            what = given[0] if given else "--min-agreement/--min-r2"
+            raise UserInputError(f"{what} and --target-speedup/--target-latency are mutually exclusive: "
+                                 "the speed target chooses the budget")
+        return None, None
     if floor:
         if given:
             raise UserInputError(f"{given[0]} and --min-agreement/--min-r2 are mutually exclusive: "

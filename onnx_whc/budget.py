@@ -23,6 +23,7 @@ from .select import PrunePlan, class_importance, select
 # Ratios are searched on a grid of 1e-4, so the reported ratio reproduces the plan exactly.
 _GRID = 10_000
 _MAX_STEP = _GRID - 1  # ratio 0.9999: the most a uniform ratio can remove
+MAX_UNIFORM_RATIO = _MAX_STEP / _GRID
 _STEPS = 14  # ceil(log2(_GRID)): bisection over the grid needs this many probes
 
 

@@ -12,7 +12,7 @@ import sys
 import click
 
 from . import __version__
-from .api import DEFAULT_ROUND_TO, QualityFloor
+from .api import DEFAULT_ROUND_TO, QualityFloor, SpeedTarget
 from .api import analyze as analyze_model
 from .api import prune as prune_model
 from .api import sweep as sweep_model
@@ -144,6 +144,13 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
               "with the original on held-out samples (classifier outputs).")
 @click.option("--min-r2", type=float, metavar="R",
               help="Like --min-agreement, for dense outputs: mean per-channel explained variance at least R.")
+@click.option("--target-speedup", type=float, metavar="X",
+              help="Instead of a budget: prune until the model is measured X times faster than the original "
+              "(on --provider, at --batch, with --threads), the mildest plan that is.")
+@click.option("--target-latency", type=float, metavar="MS",
+              help="Like --target-speedup, for a latency in milliseconds.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size the speed target is measured at.")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads for the speed target (default: one per core).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where to write the pruned model.")
 @click.option("--criterion", "-c", type=click.Choice(CRITERION_NAMES), default="auto",
               show_default=True, help="Filter score. auto: energy when calibration data drives the prune, else whc. whc+ weighs WHC by the norm "
@@ -157,9 +164,9 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--provider", help="ONNX Runtime provider for validation (cuda or cpu; default: the best available).")
 @_input_shape
 @_calibration_options
-def prune(model, ratio, target_macs, min_agreement, min_r2, output, criterion, exclude, round_to, report_path,
-          no_validate, seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
-          layout, eval_set, recover, allocate, recover_samples):
+def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, target_latency, batch, threads, output,
+          criterion, exclude, round_to, report_path, no_validate, seed, provider, input_shape, calib, calib_size,
+          calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
@@ -176,7 +183,9 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, output, criterion, e
                                  allocate=allocate, synthetic=synthetic, eval_set=eval_set,
                                  preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout),
                                  recovery_settings=RecoverySettings(samples=recover_samples),
-                                 floor=QualityFloor(min_agreement, min_r2))
+                                 floor=QualityFloor(min_agreement, min_r2),
+                                 speed=None if target_speedup is None and target_latency is None else
+                                 SpeedTarget(target_speedup, target_latency, batch, threads))
     removed = report.removed_channels
     click.echo(report.summary())
     for line in (report.warning, report.caveat):

@@ -14,7 +14,7 @@ import onnx
 
 from . import recover as recovery
 from .allocate import Allocator, allocated_plan
-from .budget import fit_ratio
+from .budget import MAX_UNIFORM_RATIO, MacsEstimator, fit_ratio
 from .calibration import make_calibration, synthetic_calibration
 from .channel_stats import channel_stats
 from .criteria import CRITERIA
@@ -26,6 +26,7 @@ from .metrics import Cost, model_cost
 from .progress import progress_bar
 from .quality import QualityProbe
 from .recovery.replay import samples_per_run
+from .speed_target import SpeedSearch, SpeedTarget, Timer, search_speed
 from .select import CONSUMER_AWARE, DATA_AWARE, PrunePlan, consumer_aware_importance, energy_importance, select
 from .surgery import apply_plan
 
@@ -99,6 +100,22 @@ class Pipeline:
         fit = fit_ratio(self.loaded, self.analysis, target_macs, **self.select_args,
                         progress=progress_bar(self.progress, "fitting the MACs budget"))
         return fit.plan, None, fit.ratio
+
+    def speed_search(self, target: SpeedTarget, provider: str | None) -> SpeedSearch:
+        """The mildest plan measured to meet a latency target (`speed_target`), before recovery."""
+        estimator = MacsEstimator(self.loaded, self.analysis)
+        if self.allocator is not None:
+            smallest = self.allocator.smallest
+        else:  # the most a uniform ratio removes
+            smallest = estimator.kept(select(self.analysis, MAX_UNIFORM_RATIO, **self.select_args))
+
+        def plan_for(budget: float):
+            plan, allocation, _ = self.plan(None, max(budget, smallest))
+            return plan, allocation, estimator.kept(plan)
+
+        timer = Timer(self.original, self.loaded.input_shapes, target, provider)
+        return search_speed(plan_for, lambda plan: prune_copy(self.loaded, self.analysis, plan)[0], smallest, timer,
+                            progress_bar(self.progress, f"measuring plans on {timer.provider}"))
 
     def recovered(self, plan: PrunePlan, in_place: bool = False) -> tuple[onnx.ModelProto, dict | None, Cost]:
         """The model pruned by `plan` and recovered, its recovery report and its cost.

@@ -69,6 +69,7 @@ class PruneReport:
     search: dict | None = None  # --min-agreement / --min-r2: every probe of the budget search
     top1: dict | None = None  # --eval: {"before", "after", "on"} on the user's labelled images
     probe_sizes: dict[str, str] = field(default_factory=dict)  # dynamic image inputs: the size measured
+    speed: dict | None = None  # --target-speedup / --target-latency: every timed probe, and the final check
 
     @property
     def removed_channels(self) -> int:
@@ -115,6 +116,12 @@ class PruneReport:
             probes = ", ".join(f"{p['macs_kept']:.1%} {'ok' if p['passed'] else 'below'}" for p in self.search["probes"])
             lines.append(f"quality floor {self.search['floor_text']}: {len(self.search['probes'])} probes "
                          f"(MACs kept: {probes}); chose {self.search['chosen_macs_kept']:.1%}")
+        if self.speed:
+            s = self.speed
+            probes = ", ".join(f"{p['macs_kept']:.1%} {p['speedup']:.2f}x" for p in s["probes"])
+            lines.append(f"speed target {s['target']} on {s['provider']}: {len(s['probes'])} probes (MACs kept, "
+                         f"measured speedup: {probes}); chose {s['chosen_macs_kept']:.1%}, "
+                         f"recovered model measured {s['final_speedup']:.2f}x ({s['final_ms']:.2f} ms)")
         lines.append(f"calibration: {self.calibration}")
         if self.recovery:
             lines.append(f"recovery {self.recovery.get('method')}: {self.recovery.get('summary', '')}")
