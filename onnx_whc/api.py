@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -18,8 +19,10 @@ from .quality import SYNTHETIC_CAVEAT
 from .recover import RecoverySettings
 from .recovery.replay import run_model
 from .report import AnalysisReport, PruneReport, SweepReport, SweepRow, cost_dict, group_reports, validation_dict
-from .search import QualityFloor, search_budget
-from .speed_target import SpeedTarget, Timer
+from .allocate import Allocation
+from .search import QualityFloor, SearchResult, search_budget
+from .select import PrunePlan
+from .speed_target import SpeedSearch, SpeedTarget, Timer
 from .storage import save
 from .progress import progress_bar
 from .validate import best_providers
@@ -123,19 +126,12 @@ def prune(
                        needs_data=bool(floor))
         labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
     with clock("selected"):
-        search = speed_search = None
-        if speed is not None:
-            speed_search = run.speed_search(speed, provider)
-            plan, allocation = speed_search.plan, speed_search.allocation
-        elif floor:
-            search = search_budget(run.allocator, run.analysis, run.recovered, run.probe, floor,
-                                   progress_bar(progress, "searching the budget"))
-            plan, allocation, target_macs = search.plan, search.allocation, search.macs_kept
-        else:
-            plan, allocation, ratio = run.plan(ratio, target_macs)
+        choice = _choose(run, ratio, target_macs, floor, speed, provider, progress)
+        plan, allocation, ratio, target_macs, search = (choice.plan, choice.allocation, choice.ratio,
+                                                        choice.target_macs, choice.search)
     groups = group_reports(run.analysis, run.loaded.shapes, run.before.macs, run.loaded.graph, plan)
     with clock("pruned"):
-        if search is not None:
+        if search is not None:  # the accuracy search recovered its plans already
             pruned, recovery_report, after = search.model, search.recovery, search.cost
         else:
             pruned, recovery_report, after = run.recovered(plan, in_place=True)
@@ -148,10 +144,10 @@ def prune(
     report.target_macs, report.recovery, report.calibration = target_macs, recovery_report, run.data_described
     report.allocation = allocation.to_dict() if allocation else None
     report.search = search.to_dict() if search else None
-    if speed_search is not None:
+    if choice.speed is not None:
         with clock("timed"):  # the recovered model, timed as its plan was: recovery changes no shape
             original_ms, pruned_ms = Timer(run.original, run.loaded.input_shapes, speed, provider).measure(pruned)
-        report.speed = {**speed_search.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
+        report.speed = {**choice.speed.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
                         "final_ms": round(pruned_ms, 3)}
     report.probe_sizes = run.loaded.probe_sizes
     if validate and plan.removed_channels:  # an unchanged model needs no checking
@@ -170,6 +166,29 @@ def prune(
             report.top1 = {"before": labelled.top1(run.original), "after": labelled.top1(pruned), "on": labelled.on}
     report.seconds = clock.total()
     return pruned, report
+
+
+@dataclass
+class _Choice:
+    """The plan a budget, a quality floor or a speed target chose, and how."""
+    plan: PrunePlan
+    allocation: Allocation | None
+    ratio: float | None
+    target_macs: float | None
+    search: SearchResult | None = None  # --min-agreement / --min-r2
+    speed: SpeedSearch | None = None  # --target-speedup / --target-latency
+
+
+def _choose(run: Pipeline, ratio, target_macs, floor, speed, provider, progress: bool) -> _Choice:
+    if speed is not None:
+        found = run.speed_search(speed, provider)
+        return _Choice(found.plan, found.allocation, None, None, speed=found)
+    if floor:
+        found = search_budget(run.allocator, run.analysis, run.recovered, run.probe, floor,
+                              progress_bar(progress, "searching the budget"))
+        return _Choice(found.plan, found.allocation, None, found.macs_kept, search=found)
+    plan, allocation, ratio = run.plan(ratio, target_macs)
+    return _Choice(plan, allocation, ratio, target_macs)
 
 
 def _check_budget(ratio, target_macs, floor, speed=None) -> tuple[float | None, float | None]:
