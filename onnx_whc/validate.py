@@ -99,6 +99,8 @@ def session(model: onnx.ModelProto | str, providers: list[str], threads: int | N
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Models are timed interleaved: an idle session's spinning threads would steal the cores from the other.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     if isinstance(model, (str, os.PathLike)):
