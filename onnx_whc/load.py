@@ -209,9 +209,11 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
         if not probe_sizes:
             raise
         name = next(iter(probe_sizes))
+        dims = next(t.shape for t in graph.inputs if t.name == name)
+        fixed = "x".join(str(d) if _is_static(d) else "1" if i == 0 else "?" for i, d in enumerate(dims))
         raise UserInputError(f"input '{name}' has a dynamic size and the model does not run at "
-                             f"{_fmt(static_inputs[name])} ({err}); give --input-shape {name}:"
-                             f"{_fmt(static_inputs[name])} with the size it runs at") from None
+                             f"{_fmt(static_inputs[name])} ({err}); give --input-shape {name}:{fixed} "
+                             "with the size it runs at") from None
     if _fold_static_shape_reads(graph, static_inputs, shapes):
         shapes = infer_static_shapes(graph, static_inputs)
     return LoadedModel(graph, shapes, static_inputs, ir_version, opset, as_inputs, meta, probe_sizes)
