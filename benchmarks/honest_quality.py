@@ -48,6 +48,8 @@ CASES = {
     "yolo-raw": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.6, recover="none"), None),
     "yolo-no-calib": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.7), None),
     "yolo-calib": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.7, calib_size=200), "calib"),
+    # the time budget at the detector's larger deployment size (15 minutes at 640x640)
+    "yolo-calib-640": ("yolov8n_nudenet.onnx", "yolo", dict(target_macs=0.7, calib_size=200, size=640), "calib"),
 }
 
 
@@ -65,12 +67,13 @@ def run_case(name: str) -> dict:
     file, dataset, kwargs, split = CASES[name]
     kwargs = dict(kwargs)
     preset = kwargs.pop("preset", False)
+    size = kwargs.pop("size", 320)
     preprocess = None
     if dataset == "imagenet" and (split or preset):
         preprocess = Preprocess(**LITE0) if split else preset_preprocess("inception")
     if dataset == "yolo":
         preprocess = preset_preprocess("yolo")
-        kwargs["input_shapes"] = {"images": (1, 3, 320, 320)}
+        kwargs["input_shapes"] = {"images": (1, 3, size, size)}
     with tempfile.TemporaryDirectory() as tmp:
         calib = str(_calib_folder(dataset, Path(tmp))) if split else None
         start = time.perf_counter()
@@ -84,7 +87,7 @@ def run_case(name: str) -> dict:
     if dataset == "yolo":
         from .detection import detection_agreement, eval_images, load_letterboxed
 
-        inputs = load_letterboxed(eval_images("eval", 150), 320)
+        inputs = load_letterboxed(eval_images("eval", 150), size)
         cell["detections"] = detection_agreement(str(YOLO), pruned.SerializeToString(), inputs)
     else:
         x, y = load_split(dataset, "eval")
