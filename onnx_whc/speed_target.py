@@ -73,6 +73,11 @@ class Timer:
         self.original = session(original, self.providers, target.threads)
         self.provider = self.original.get_providers()[0]
         self.feeds = random_inputs(self.original, input_shapes, target.batch)
+        try:
+            self.original.run(None, self.feeds)
+        except Exception as err:  # ORT raises several types; a fixed batch is the usual cause
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserInputError(f"the model does not run at --batch {target.batch} ({first})") from None
         times = []
         for _ in range(target.warmup + target.runs):
             start = time.perf_counter()

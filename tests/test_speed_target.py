@@ -83,3 +83,12 @@ def test_a_real_speed_target_is_measured_and_checked_after_recovery():
     assert chosen and all(p["met"] and p["speedup"] >= 1.1 for p in chosen)
     assert speed["final_speedup"] > 0 and report.macs_kept == pytest.approx(speed["chosen_macs_kept"], abs=0.02)
     assert "speed target 1.1x (batch 16, 1 thread) on CPUExecutionProvider" in report.summary()
+
+
+def test_a_batch_the_model_cannot_run_is_a_user_error():
+    from .builder import GraphBuilder
+    b = GraphBuilder(dynamic_batch=False)
+    x = b.input("x", [1, 3, 8, 8])
+    model = b.build([b.conv(b.relu(b.conv(x, 8, name="c1")), 4, name="c2")])
+    with pytest.raises(UserInputError, match="the model does not run at --batch 4"):
+        api.prune(model, speed=SpeedTarget(speedup=1.5, batch=4, runs=1, warmup=0), recover="none", synthetic=False)
