@@ -70,7 +70,7 @@ class MaskedModel:
         masks: dict[str, gs.Variable] = {}
         for node in list(graph.nodes):
             x = node.inputs[0] if node.inputs else None
-            if not consumer_weight_axis(node) or x is None or x.name not in analysis.maps:
+            if not consumer_weight_axis(node) or x is None or not analysis.reads_channels(x.name):
                 continue
             if x.name not in masks:
                 rank = len(loaded.shapes[x.name])

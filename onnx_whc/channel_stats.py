@@ -28,7 +28,7 @@ class ChannelStats:
 def consumer_inputs(loaded: LoadedModel, analysis: ChannelAnalysis) -> list[str]:
     """Tensors read by a layer with channel weights (Conv, Gemm, MatMul...) whose channels can go."""
     names = {node.inputs[0].name for node in loaded.graph.nodes
-             if consumer_weight_axis(node) and node.inputs and node.inputs[0].name in analysis.maps}
+             if consumer_weight_axis(node) and node.inputs and analysis.reads_channels(node.inputs[0].name)}
     return sorted(names)
 
 

@@ -78,6 +78,14 @@ class ChannelAnalysis:
     def axis(self, tensor_name: str) -> int:
         return self.axes.get(tensor_name, 1)
 
+    def reads_channels(self, tensor_name: str) -> bool:
+        """Whether a layer's weights index the traced channels of this input: traced, on axis 1.
+
+        A Conv reading channels a Transpose moved elsewhere blocks them; its weights' input axis
+        then runs along some other dimension, which masks and statistics must not mistake for them.
+        """
+        return tensor_name in self.maps and self.axis(tensor_name) == 1
+
     def keep_mask(self, tensor_name: str, removed_roots: np.ndarray) -> np.ndarray | None:
         """Which channels of a tensor survive when the given classes are removed."""
         atoms = self.maps.get(tensor_name)

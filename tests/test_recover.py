@@ -461,3 +461,18 @@ def test_lsq_recovers_a_pruned_hidden_fully_connected_layer_exactly():
     recovered, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq", ridge=0.0))
     assert "fc2" in {r["layer"] for r in report["per_layer"]}
     assert _max_error(original, recovered, held) < 1e-4
+
+
+def test_allocation_and_energy_skip_a_conv_that_reads_moved_channels():
+    """YOLOv8's DFL: Reshape (N, 4, 16, A) -> Transpose -> Softmax -> Conv: the Conv's 16 inputs are not the
+    traced 4 channels (which the Transpose moved to axis 2); masks and channel statistics must not mix them up."""
+    b = GraphBuilder(seed=4)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.relu(b.conv(b.relu(b.conv(x, 16, name="c1")), 64, k=1, name="box"))
+    y = b.op("Reshape", [y, b.ints([0, 4, 16, 64])])
+    y = b.softmax(b.transpose(y, perm=[0, 2, 1, 3]), axis=1)
+    model = b.build([b.conv(y, 1, k=1, name="dfl", c_in=16)])
+    calib = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    pruned, report = prune(model, target_macs=0.8, calib=calib, validate=True)
+    assert report.allocation is not None and report.removed_channels > 0
+    onnx.checker.check_model(pruned, full_check=True)
