@@ -17,3 +17,25 @@ def test_pruned_equals_zeroed_original(name, ratio):
 def test_other_criteria_are_exact_too(criterion):
     _, plan = prune_and_compare(shared_model("resnet20_cifar10.onnx"), 0.4, criterion=criterion)
     assert plan.removed_channels > 0
+
+
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_the_allocators_masked_model_builds_and_runs(name):
+    """The masks, channel statistics and a probe on every shared model (2 random samples): cheap, and
+    what a full allocation would run first."""
+    import numpy as np
+
+    from onnx_whc.allocate import MaskedModel
+    from onnx_whc.channel_stats import channel_stats
+    from onnx_whc.dependency import analyze_channels
+    from onnx_whc.load import load
+
+    loaded = load(shared_model(name))
+    analysis = analyze_channels(loaded)
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((2, *s[1:])).astype(np.float32) for n, s in loaded.input_shapes.items()}
+    stats = channel_stats(loaded, analysis, feeds)
+    masked = MaskedModel(loaded, analysis, feeds, stats.mean)
+    assert masked.damage(np.zeros(0, np.int64)) == pytest.approx(0.0, abs=1e-6)
+    group = next(g for g in analysis.groups if g.prunable)
+    assert masked.damage(group.classes[: max(1, group.channels // 2)]) > 0
