@@ -22,7 +22,7 @@ from .report import AnalysisReport, PruneReport, SweepReport, SweepRow, cost_dic
 from .allocate import Allocation
 from .search import QualityFloor, SearchResult, search_budget
 from .select import PrunePlan
-from .speed_target import SpeedSearch, SpeedTarget, Timer
+from .speed_target import SpeedSearch, SpeedTarget
 from .storage import save
 from .progress import progress_bar
 from .validate import best_providers
@@ -146,7 +146,7 @@ def prune(
     report.search = search.to_dict() if search else None
     if choice.speed is not None:
         with clock("timed"):  # the recovered model, timed as its plan was: recovery changes no shape
-            original_ms, pruned_ms = Timer(run.original, run.loaded.input_shapes, speed, provider).measure(pruned)
+            original_ms, pruned_ms = choice.speed.timer.measure(pruned)
         report.speed = {**choice.speed.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
                         "final_ms": round(pruned_ms, 3)}
     report.probe_sizes = run.loaded.probe_sizes

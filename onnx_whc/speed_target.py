@@ -10,6 +10,7 @@ largest budget that is measured to meet the target. The report lists every probe
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,8 +51,11 @@ class SpeedTarget:
             return original_ms / pruned_ms >= self.speedup
         return pruned_ms <= self.latency_ms
 
-    def first_budget(self, original_ms: float) -> float:
-        """The share of the MACs that would meet the target if latency followed the MACs."""
+    def first_budget(self, original_ms: float | None) -> float:
+        """The share of the MACs that would meet the target if latency followed the MACs.
+
+        `original_ms` (the original's latency) is needed for a latency target only.
+        """
         wanted = self.speedup if self.speedup is not None else original_ms / self.latency_ms
         return float(np.clip(1.0 / wanted, SMALLEST_BUDGET, 1.0))
 
@@ -78,12 +82,16 @@ class Timer:
         except Exception as err:  # ORT raises several types; a fixed batch is the usual cause
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserInputError(f"the model does not run at --batch {target.batch} ({first})") from None
+
+    @functools.cached_property
+    def original_ms(self) -> float:
+        """The original's median latency alone: a latency target's first guess."""
         times = []
-        for _ in range(target.warmup + target.runs):
+        for _ in range(self.target.warmup + self.target.runs):
             start = time.perf_counter()
             self.original.run(None, self.feeds)
             times.append((time.perf_counter() - start) * 1000)
-        self.original_ms = float(np.median(times[target.warmup:]))  # for a latency target's first guess
+        return float(np.median(times[self.target.warmup:]))
 
     def measure(self, model) -> tuple[float, float]:
         """(original, candidate) median milliseconds."""
@@ -107,8 +115,7 @@ class SpeedProbe:
 
 @dataclass
 class SpeedSearch:
-    target: SpeedTarget
-    provider: str
+    timer: Timer  # its target, and the original's session: the recovered model is timed by it too
     plan: object  # PrunePlan
     allocation: object  # Allocation or None
     macs_kept: float
@@ -116,7 +123,7 @@ class SpeedSearch:
     probes: list[SpeedProbe] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"target": self.target.describe(), "provider": self.provider,
+        return {"target": self.timer.target.describe(), "provider": self.timer.provider,
                 "chosen_macs_kept": round(self.macs_kept, 4), "measured_speedup": round(self.chosen.speedup, 3),
                 "measured_ms": round(self.chosen.pruned_ms, 3), "original_ms": round(self.chosen.original_ms, 3),
                 "probes": [{**vars(p), "speedup": round(p.speedup, 3)} for p in self.probes]}
@@ -148,7 +155,10 @@ def search_speed(plan_for: Callable[[float], tuple], pruned: Callable, smallest:
     for step in progress(range(MAX_PROBES)):
         if step and hi - lo <= TOLERANCE:
             break
-        budget = float(np.clip(target.first_budget(timer.original_ms), lo, hi)) if not step else (lo + hi) / 2
+        if step:
+            budget = (lo + hi) / 2
+        else:
+            budget = float(np.clip(target.first_budget(timer.original_ms if target.latency_ms else None), lo, hi))
         probe, result = attempt(budget)
         if probe.met:
             lo, passing = budget, result
@@ -163,4 +173,4 @@ def search_speed(plan_for: Callable[[float], tuple], pruned: Callable, smallest:
                              f"probe ran {best.speedup:.2f}x faster ({best.pruned_ms:.2f} ms) keeping "
                              f"{best.macs_kept:.1%} of the MACs")
     plan, allocation, kept, probe = passing
-    return SpeedSearch(target, timer.provider, plan, allocation, kept, probe, probes)
+    return SpeedSearch(timer, plan, allocation, kept, probe, probes)
