@@ -47,9 +47,12 @@ def attr(node: onnx.NodeProto, key: str, default=None):
 
 
 def out_channels(model, node_name: str) -> int:
+    """Output channels (a Gemm's or MatMul's output features) of a weighted node."""
     node, w = node_named(model, node_name), weight(model, node_name)
     if node.op_type == "ConvTranspose":
         return w.shape[1] * attr(node, "group", 1)
+    if node.op_type == "MatMul" or node.op_type == "Gemm" and not attr(node, "transB", 0):
+        return w.shape[1]
     return w.shape[0]
 
 
@@ -495,9 +498,9 @@ def test_hidden_fully_connected_layers_are_filters(hidden, opset, ratio):
         y = b.relu(y)
     pruned, _ = prune_and_compare(b.build([b.gemm(y, 10, name="out")]), ratio)
     assert out_channels(pruned, "c1") == keep(16, ratio)
-    assert _features(pruned, "fc1") == keep(24, ratio)
-    assert _features(pruned, "fc2") == keep(12, ratio)
-    assert _features(pruned, "out") == 10  # feeds the graph output: whole
+    assert out_channels(pruned, "fc1") == keep(24, ratio)
+    assert out_channels(pruned, "fc2") == keep(12, ratio)
+    assert out_channels(pruned, "out") == 10  # feeds the graph output: whole
     if hidden.startswith("gemm"):
         assert weight(pruned, "fc1", 2).shape == (keep(24, ratio),)
 
@@ -508,11 +511,6 @@ def _fully_connected(b, y, width, kind, name):
     return b.gemm(y, width, trans_b=1 if kind == "gemm_transB1" else 0, name=name)
 
 
-def _features(model, name) -> int:
-    node, w = node_named(model, name), weight(model, name)
-    return w.shape[0] if node.op_type == "Gemm" and attr(node, "transB", 0) else w.shape[1]
-
-
 def test_a_gemm_with_one_bias_value_for_every_output_is_pruned():
     b = GraphBuilder(dynamic_batch=False)
     x = b.flatten(b.relu(b.conv(b.input("x", [1, 3, 4, 4]), 8, name="c1")))
@@ -521,7 +519,7 @@ def test_a_gemm_with_one_bias_value_for_every_output_is_pruned():
     y = b.op("Gemm", [b.relu(y), b.random([4, 6], 0.1, "out.weight"), b.random([1, 4], 0.1, "out.bias")],
              name="out", transB=1)
     pruned, _ = prune_and_compare(b.build([y]), 0.5)
-    assert _features(pruned, "fc") == 3 and weight(pruned, "fc", 2).shape == (1, 1)
+    assert out_channels(pruned, "fc") == 3 and weight(pruned, "fc", 2).shape == (1, 1)
 
 
 def _reshape_target(b, y, style):
