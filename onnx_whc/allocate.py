@@ -7,8 +7,9 @@ copy of the model multiplies every consumer's input by per-channel masks fed at 
 ONNX Runtime session serves them all (a pruned model equals the original with the removed
 channels' readers zeroed; here they read the channel's calibration mean instead, what recovery
 restores first). A greedy search then raises, one step at a time, the ratio of the group
-that adds the least damage per MAC saved, until the model keeps at most the budget: sensitive
-groups (a ResNet's shared trunk) stay whole or lose little, robust ones lose more.
+that adds the least damage per MAC saved (per measured millisecond saved, given the groups'
+timed widths), until the model keeps at most the budget: sensitive groups (a ResNet's shared
+trunk) stay whole or lose little, robust ones lose more.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .ops import consumer_weight_axis
 from .quality import damage, output_kinds
 from .recovery.replay import samples_per_run, session
 from .select import PrunePlan, excluded_by, select
+from .widths import WidthSteps
 
 PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0
 STEP = 0.05  # granularity of the allocated ratios
@@ -167,7 +169,7 @@ class Allocator:
 
     def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray],
                  select_args: dict, stats: ChannelStats, samples: int | None = None,
-                 progress: Callable = lambda items: items):
+                 progress: Callable = lambda items: items, latency: WidthSteps | None = None):
         self.select_args = {**select_args, "importance": _cached_importance(
             select_args.get("criterion", "whc"), select_args.get("seed", 0), select_args.get("importance"))}
         exclude = select_args.get("exclude", ())
@@ -190,10 +192,16 @@ class Allocator:
                     removed[g.id].append(roots)
         curves = {gid: np.maximum.accumulate(np.interp(self.levels[gid], (0.0,) + PROBE_RATIOS, [0.0] + d))
                   for gid, d in self.damage.items()}
-        self.path = self._greedy_path(_MacsModel(loaded, analysis, removed), curves)
+        macs = _MacsModel(loaded, analysis, removed)
+        saving = _latency_saving(latency, macs, removed, {g.id: g.channels for g in groups}) if latency else None
+        self.path = self._greedy_path(macs, curves, saving)
 
-    def _greedy_path(self, macs: _MacsModel, curves: dict) -> list[tuple[int | None, float]]:
-        """[(group stepped, MACs kept after the step)], from the unpruned model to the last possible step."""
+    def _greedy_path(self, macs: _MacsModel, curves: dict, saving: Callable | None = None
+                     ) -> list[tuple[int | None, float]]:
+        """[(group stepped, MACs kept after the step)], from the unpruned model to the last possible step.
+
+        `saving(group, level)` replaces the MACs a step saves by its measured milliseconds.
+        """
         state = {gid: 0 for gid in self.levels}
         kept = macs.kept(state)
         path = [(None, kept)]
@@ -203,8 +211,8 @@ class Allocator:
                 if k + 1 >= len(self.levels[gid]):
                     continue
                 trial = macs.kept({**state, gid: k + 1})
-                saved = kept - trial
-                if saved <= 0:
+                saved = kept - trial if saving is None else saving(gid, k)
+                if kept - trial <= 0 or saved <= 0:
                     continue
                 cost = (curves[gid][k + 1] - curves[gid][k]) / saved
                 if cost < best_cost:
@@ -237,6 +245,26 @@ class Allocator:
 
     def plan(self, analysis: ChannelAnalysis, allocation: Allocation) -> PrunePlan:
         return select(analysis, allocation.ratios, **self.select_args)
+
+
+def _latency_saving(latency: WidthSteps, macs: _MacsModel, removed: dict[int, list[np.ndarray]], channels: dict[int, int]):
+    """Milliseconds a group's step from level k to k + 1 saves, from its measured widths (`widths`).
+
+    A group whose layers could not be timed is credited its MACs at the timed groups' rate of
+    milliseconds per MAC, so it is neither free nor out of reach.
+    """
+    width = {gid: [channels[gid] - len(r) for r in levels] for gid, levels in removed.items()}
+    timed = [gid for gid in removed if gid in latency.tables and len(removed[gid]) > 1]
+    ms_saved = sum(latency.ms(g, width[g][0]) - latency.ms(g, width[g][-1]) for g in timed)
+    macs_saved = sum(macs.kept({}) - macs.kept({g: len(removed[g]) - 1}) for g in timed)
+    rate = ms_saved / macs_saved if macs_saved > 0 and ms_saved > 0 else 1.0
+
+    def saving(gid: int, k: int) -> float:
+        if gid in latency.tables:
+            return latency.ms(gid, width[gid][k]) - latency.ms(gid, width[gid][k + 1])
+        return rate * (macs.kept({gid: k}) - macs.kept({gid: k + 1}))
+
+    return saving
 
 
 def allocated_plan(loaded: LoadedModel, analysis: ChannelAnalysis, allocator: Allocator, ratio: float | None,

@@ -24,6 +24,7 @@ from .search import QualityFloor, SearchResult, search_budget
 from .select import PrunePlan
 from .speed_target import SpeedSearch, SpeedTarget
 from .storage import save
+from .widths import MEASURED
 from .progress import progress_bar
 from .validate import best_providers
 from .validate import validate as validate_models
@@ -82,7 +83,7 @@ def prune(
     ratio: float | None = None,
     criterion: str = "auto",
     exclude: tuple[str, ...] = (),
-    round_to: int = DEFAULT_ROUND_TO,
+    round_to: int | str | None = None,
     seed: int = 0,
     validate: bool = True,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -114,8 +115,13 @@ def prune(
     prunes as far as the recovered model keeps that quality, searching the allocator's path.
     `eval_set` (a labelled image folder or CSV) adds top-1 before and after. `speed` (a
     `SpeedTarget`) prunes until the model is measured that much faster on `provider`.
+
+    `round_to` makes kept counts multiples of it, or with "measured" the widths at which each
+    group's layers are timed faster on `provider` (`onnx_whc.widths`); the default is 8, and
+    measured widths with a speed target.
     """
     ratio, target_macs = _check_budget(ratio, target_macs, floor, speed)
+    round_to = _check_round_to(round_to, speed)
     if validate:
         best_providers(provider)  # a wrong --provider fails now, not after the pruning
     clock = _Clock()
@@ -123,7 +129,7 @@ def prune(
         run = Pipeline(model, input_shapes, calib, calib_size, preprocess, seed, synthetic, recover, criterion,
                        allocate, exclude, round_to, recovery_settings, progress,
                        measure=validate or bool(floor) or eval_set is not None or speed is not None,
-                       needs_data=bool(floor))
+                       needs_data=bool(floor), provider=provider, speed=speed)
         labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
     with clock("selected"):
         choice = _choose(run, ratio, target_macs, floor, speed, provider, progress)
@@ -150,6 +156,7 @@ def prune(
         report.speed = {**choice.speed.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
                         "final_ms": round(pruned_ms, 3)}
     report.probe_sizes = run.loaded.probe_sizes
+    report.widths = run.widths.to_dict() if run.widths else None
     if validate and plan.removed_channels:  # an unchanged model needs no checking
         with clock("validated"):
             report.validation = validation_dict(validate_models(run.original, pruned, run.loaded.input_shapes,
@@ -191,6 +198,19 @@ def _choose(run: Pipeline, ratio, target_macs, floor, speed, provider, progress:
     return _Choice(plan, allocation, ratio, target_macs)
 
 
+def _check_round_to(value, speed: SpeedTarget | None) -> int | str:
+    if value is None:
+        return MEASURED if speed is not None else DEFAULT_ROUND_TO
+    text = str(value).strip()
+    if text == MEASURED:
+        return MEASURED
+    if not text.lstrip("-").isdigit():
+        raise UserInputError(f"--round-to must be a whole number or '{MEASURED}', got '{value}'")
+    if int(text) < 1:
+        raise UserInputError("--round-to must be at least 1")
+    return int(text)
+
+
 def _check_budget(ratio, target_macs, floor, speed=None) -> tuple[float | None, float | None]:
     given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs)) if value is not None]
     if speed is not None:
@@ -211,7 +231,7 @@ def _check_budget(ratio, target_macs, floor, speed=None) -> tuple[float | None, 
     return _check_ratio(DEFAULT_RATIO if ratio is None else ratio), None
 
 
-def sweep(model, budgets, criterion: str = "auto", exclude: tuple[str, ...] = (), round_to: int = DEFAULT_ROUND_TO,
+def sweep(model, budgets, criterion: str = "auto", exclude: tuple[str, ...] = (), round_to: int | str | None = None,
           seed: int = 0, input_shapes=None, provider: str | None = None, progress: bool = False,
           recover: str = "auto", calib=None, calib_size: int | None = None, preprocess=None,
           allocate: bool | None = None, recovery_settings: RecoverySettings | None = None,
@@ -225,7 +245,8 @@ def sweep(model, budgets, criterion: str = "auto", exclude: tuple[str, ...] = ()
         raise UserInputError("--budgets must be shares of the MACs in (0, 1], e.g. 0.9,0.8,0.7")
     best_providers(provider)
     run = Pipeline(model, input_shapes, calib, calib_size, preprocess, seed, synthetic, recover, criterion,
-                   allocate, exclude, round_to, recovery_settings, progress, measure=True)
+                   allocate, exclude, _check_round_to(round_to, None), recovery_settings, progress, measure=True,
+                   provider=provider)
     labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
     rows = []
     for budget in progress_bar(progress, "sweeping budgets")(sorted(budgets, reverse=True)):

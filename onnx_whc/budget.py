@@ -80,7 +80,7 @@ def fit_ratio(
     analysis: ChannelAnalysis,
     target: float,
     criterion: str = "whc",
-    round_to: int = 1,
+    round_to=1,
     exclude: tuple[str, ...] = (),
     seed: int = 0,
     progress: Callable | None = None,
@@ -104,7 +104,8 @@ def fit_ratio(
         return best
     best = probe(_MAX_STEP)
     if best.macs_kept > target:
-        rounding = f" with --round-to {round_to}" if round_to > 1 else ""
+        rounding = ("" if round_to == 1 else f" with --round-to {round_to}" if isinstance(round_to, int)
+                    else " at the measured widths")
         raise UserInputError(
             f"--target-macs {target:g} is out of reach: pruning every group as far as it goes{rounding} keeps "
             f"{best.macs_kept:.1%} of the MACs (see `onnx-whc analyze` for the groups left whole)")

@@ -156,8 +156,10 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
               show_default=True, help="Filter score. auto: energy when calibration data drives the prune, else whc. whc+ weighs WHC by the norm "
               "of the consumers' weights; energy (needs --calib) by the output variance each channel carries.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches (repeatable).")
-@click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True,
-              help="Kept channel counts become multiples of this (1: exactly the ratio; see benchmarks/results/speed.md).")
+@click.option("--round-to", metavar="N|measured",
+              help="Kept channel counts become multiples of N (1: exactly the ratio; see benchmarks/results/speed.md), "
+              "or with 'measured' the widths at which each layer is timed faster on --provider (cached on disk). "
+              f"Default: {DEFAULT_ROUND_TO}, measured with a speed target.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the full JSON report here.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime checks and latency measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
@@ -214,7 +216,7 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
               help="Writes PREFIX.md, PREFIX.json and PREFIX.png (quality against MACs kept and latency).")
 @click.option("--criterion", "-c", type=click.Choice(CRITERION_NAMES), default="auto", show_default=True)
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the filters of nodes whose name matches.")
-@click.option("--round-to", type=int, default=DEFAULT_ROUND_TO, show_default=True)
+@click.option("--round-to", metavar="N|measured", help=f"As for prune (default {DEFAULT_ROUND_TO}).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--provider", help="ONNX Runtime provider for the latency (cuda or cpu; default: the best available).")
 @_input_shape

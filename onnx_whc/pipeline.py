@@ -29,6 +29,8 @@ from .recovery.replay import samples_per_run
 from .speed_target import SpeedSearch, SpeedTarget, Timer, search_speed
 from .select import CONSUMER_AWARE, DATA_AWARE, PrunePlan, consumer_aware_importance, energy_importance, select
 from .surgery import apply_plan
+from .validate import best_providers
+from .widths import MEASURED, measure_widths
 
 CRITERION_NAMES = ("auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE)
 
@@ -49,16 +51,25 @@ class Pipeline:
     """One model analysed and calibrated, ready to turn plans into recovered, measured models.
 
     `measure` asks for a quality probe even without recovery; `needs_data` makes missing
-    calibration data an error (the accuracy-aware search cannot run without it).
+    calibration data an error (the accuracy-aware search cannot run without it). `round_to`
+    "measured" times each group's widths on `provider` (at the batch and threads of `speed`, if
+    given); with a `speed` target the allocator then spends the budget per millisecond saved.
     """
 
     def __init__(self, model, input_shapes, calib, calib_size, preprocess, seed: int, synthetic: bool,
-                 recover: str, criterion: str, allocate: bool | None, exclude, round_to: int,
-                 recovery_settings, progress: bool, measure: bool, needs_data: bool = False):
+                 recover: str, criterion: str, allocate: bool | None, exclude, round_to: int | str,
+                 recovery_settings, progress: bool, measure: bool, needs_data: bool = False,
+                 provider: str | None = None, speed: SpeedTarget | None = None):
         self.progress = progress
         self.loaded = load(model, input_shapes)
         return_freed_memory()
         self.analysis = analyze_channels(self.loaded)
+        self.widths = None
+        if round_to == MEASURED:  # before calibration: a failing provider fails early
+            self.widths = measure_widths(self.loaded, self.analysis, best_providers(provider),
+                                         speed.threads if speed else None, speed.batch if speed else 1,
+                                         progress=progress_bar(progress, "timing channel widths"))
+            round_to = self.widths
         self.before = model_cost(self.loaded.graph, self.loaded.shapes)
         self.input_types = {t.name: np.dtype(t.dtype or np.float32) for t in self.loaded.graph.inputs
                             if t.name in self.loaded.input_shapes}
@@ -84,7 +95,8 @@ class Pipeline:
         self.probe = _quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
                                     self.input_types, self.chunk, seed) if measure else None
         self.allocator = Allocator(self.loaded, self.analysis, self.calibration.fit, self.select_args, stats,
-                                   progress=progress_bar(progress, "measuring group sensitivity")) if allocate else None
+                                   progress=progress_bar(progress, "measuring group sensitivity"),
+                                   latency=self.widths if speed else None) if allocate else None
         self.settings = recovery.RecoverySettings(**{**vars(recovery_settings or recovery.RecoverySettings()),
                                                      "method": self.method, "seed": seed})
 

@@ -52,7 +52,7 @@ class AnalysisReport:
 class PruneReport:
     ratio: float | None
     criterion: str
-    round_to: int
+    round_to: int | str  # a multiple, or "measured" (then `widths` says what was measured)
     before: dict
     after: dict
     groups: list[GroupReport]
@@ -70,6 +70,7 @@ class PruneReport:
     top1: dict | None = None  # --eval: {"before", "after", "on"} on the user's labelled images
     probe_sizes: dict[str, str] = field(default_factory=dict)  # dynamic image inputs: the size measured
     speed: dict | None = None  # --target-speedup / --target-latency: every timed probe, and the final check
+    widths: dict | None = None  # --round-to measured: each group's latency steps, and what the timing cost
 
     @property
     def removed_channels(self) -> int:
@@ -105,6 +106,12 @@ class PruneReport:
             chose = "allocated per group" if self.ratio is None else f"chose ratio {self.ratio:g}"
             lines.append(f"target MACs {self.target_macs:.1%}: {chose}, keeps {self.macs_kept:.2%}")
         lines += [f"size: {note}" for note in self.probe_sizes.values()]
+        if self.widths:
+            w = self.widths
+            failed = f", {len(w['groups_failed'])} not timeable (kept exact)" if w["groups_failed"] else ""
+            lines.append(f"widths: measured steps on {w['runtime'].split('|')[0]} for "
+                         f"{w['groups_measured'] + w['groups_cached']} groups ({w['groups_measured']} timed in "
+                         f"{w['seconds']:.1f} s, {w['groups_cached']} from the cache){failed}")
         fixed = [g for g in self.groups if not g.prunable]
         if fixed:
             lines.append(f"{len(fixed)} groups left whole, e.g. group {fixed[0].id}: {fixed[0].reasons[0]}")

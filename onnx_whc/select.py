@@ -138,6 +138,13 @@ def channels_to_keep(n: int, ratio: float, round_to: int) -> int:
     return max(1, keep)
 
 
+def group_keeps(group: ChannelGroup, ratio: float, round_to) -> int:
+    """A group's kept count; `round_to` is a multiple or measured steps (`widths.WidthSteps`)."""
+    if isinstance(round_to, int):
+        return channels_to_keep(group.channels, ratio, round_to)
+    return max(1, round_to.keep(group.id, channels_to_keep(group.channels, ratio, 1), group.channels))
+
+
 def _constraints(analysis: ChannelAnalysis) -> dict[int, list[np.ndarray]]:
     """Per group, the sets of classes of which at least one must survive (one per tensor)."""
     position = {}
@@ -158,16 +165,21 @@ def _constraints(analysis: ChannelAnalysis) -> dict[int, list[np.ndarray]]:
     return {gid: list(sets.values()) for gid, sets in found.items()}
 
 
-def _quotas(group: ChannelGroup, rate: float, round_to: int) -> list[tuple[np.ndarray, int]]:
+def _quotas(group: ChannelGroup, rate: float, round_to) -> list[tuple[np.ndarray, int]]:
     """Each filter-carrying layer loses its own share, no more: the paper's per-layer rate.
 
     Matters where groups of different widths are coupled (option-A shortcuts join all stages of
-    a CIFAR ResNet): without it, removals would pile up in one narrow stage.
+    a CIFAR ResNet): without it, removals would pile up in one narrow stage. Measured steps are
+    the whole group's: a narrower layer in it keeps its plain share.
     """
     quotas = {}
     for _, class_index in group.producers:
         classes = np.unique(class_index)
-        quotas[classes.tobytes()] = (classes, len(classes) - channels_to_keep(len(classes), rate, round_to))
+        if len(classes) == group.channels:
+            keep = group_keeps(group, rate, round_to)
+        else:
+            keep = channels_to_keep(len(classes), rate, round_to if isinstance(round_to, int) else 1)
+        quotas[classes.tobytes()] = (classes, len(classes) - keep)
     return list(quotas.values())
 
 
@@ -219,7 +231,7 @@ def select(
     analysis: ChannelAnalysis,
     ratio: float | dict[int, float],
     criterion: str = "whc",
-    round_to: int = 1,
+    round_to=1,
     exclude: tuple[str, ...] = (),
     seed: int = 0,
     importance: Callable[[ChannelGroup], np.ndarray] | None = None,
@@ -228,11 +240,12 @@ def select(
     """Decide the removed classes of every group; `ratio` may be one rate or one per group id.
 
     `importance` (consumer- and data-aware criteria) scores the classes itself; otherwise the
-    filter criterion named `criterion` does.
+    filter criterion named `criterion` does. `round_to` is a multiple for kept counts or the
+    measured latency steps of each group (`widths.WidthSteps`).
     """
     if importance is None and criterion not in CRITERIA:
         raise UserInputError(f"unknown criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
-    if round_to < 1:
+    if isinstance(round_to, int) and round_to < 1:
         raise UserInputError("--round-to must be at least 1")
     rng = np.random.default_rng(seed)
     constraints = _constraints(analysis)
@@ -241,7 +254,7 @@ def select(
     for group in groups:
         rate = ratio.get(group.id, 0.0) if isinstance(ratio, dict) else ratio
         skipped = "; ".join(group.reasons) or excluded_by(group, exclude)
-        n_remove = group.channels - channels_to_keep(group.channels, rate, round_to)
+        n_remove = group.channels - group_keeps(group, rate, round_to)
         if skipped or n_remove <= 0:
             decisions.append(GroupDecision(group, np.zeros(0, dtype=np.int64), skipped))
             continue

@@ -345,7 +345,7 @@ def test_dynamic_dims_that_are_not_an_image_size_need_input_shape(tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--bogus"], "No such option"),
-    (["--round-to", "x"], "'x' is not a valid integer"),
+    (["--round-to", "x"], "--round-to must be a whole number or 'measured', got 'x'"),
     (["--criterion", "magic"], "'magic' is not one of"),
 ])
 def test_usage_errors_exit_2(model_path, args, expected):
