@@ -80,7 +80,9 @@ def markdown(rows: list[dict], env: dict) -> str:
              "Each model is pruned to a MACs budget with `--calib` (the `calib` split; `--round-to 8`), that "
              "model's speedup is measured, and the same speedup is asked of `--target-speedup` with the same "
              "calibration (measured widths, the budget spent per measured millisecond). Top-1 on the `eval` "
-             f"split; speedups from one interleaved run (ONNX Runtime CPU, batch 1, {THREADS} thread, {RUNS} runs).",
+             f"split; the speedups in the table come from one later run timing both models interleaved with the "
+             f"original (ONNX Runtime CPU, batch 1, {THREADS} thread, {RUNS} runs), so the MACs plan's may differ from "
+             "the target its first timing set.",
              "", f"Machine: {environment_line(env)}.", "", "Command: `python -m benchmarks.latency_accuracy`", ""]
     table = []
     for r in rows:
