@@ -247,7 +247,8 @@ class Allocator:
         return select(analysis, allocation.ratios, **self.select_args)
 
 
-def _latency_saving(latency: WidthSteps, macs: _MacsModel, removed: dict[int, list[np.ndarray]], channels: dict[int, int]):
+def _latency_saving(latency: WidthSteps, macs: _MacsModel, removed: dict[int, list[np.ndarray]],
+                    channels: dict[int, int]) -> Callable[[int, int], float]:
     """Milliseconds a group's step from level k to k + 1 saves, from its measured widths (`widths`).
 
     A group whose layers could not be timed is credited its MACs at the timed groups' rate of

@@ -24,10 +24,10 @@ from .search import QualityFloor, SearchResult, search_budget
 from .select import PrunePlan
 from .speed_target import SpeedSearch, SpeedTarget
 from .storage import save
-from .widths import MEASURED
 from .progress import progress_bar
 from .validate import best_providers
 from .validate import validate as validate_models
+from .widths import MEASURED
 
 DEFAULT_RATIO = 0.4
 # Multiples of 8 keep ONNX Runtime's blocked CPU kernels (and GPU tensor cores) in use: ResNet-50 at

@@ -108,7 +108,8 @@ class PruneReport:
         lines += [f"size: {note}" for note in self.probe_sizes.values()]
         if self.widths:
             w = self.widths
-            failed = f", {len(w['groups_failed'])} not timeable (kept exact)" if w["groups_failed"] else ""
+            failed = (f", {len(w['groups_failed'])} could not be timed (their counts are not rounded)"
+                      if w["groups_failed"] else "")
             lines.append(f"widths: measured steps on {w['runtime'].split('|')[0]} for "
                          f"{w['groups_measured'] + w['groups_cached']} groups ({w['groups_measured']} timed in "
                          f"{w['seconds']:.1f} s, {w['groups_cached']} from the cache){failed}")
