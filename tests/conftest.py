@@ -24,3 +24,12 @@ settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True
 settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_widths_cache(tmp_path_factory):
+    """Measured widths go to a folder of the test run, never to the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ONNX_WHC_CACHE", str(tmp_path_factory.mktemp("widths-cache")))
+    yield
+    patch.undo()
