@@ -121,6 +121,23 @@ def test_lsq_non_sequential_is_exact_on_the_linear_model_too():
     assert _max_error(original, recovered, held) < 1e-4
 
 
+def test_large_activations_are_held_in_float16_and_recovery_stays_close(monkeypatch):
+    """Held in float16 (every activation here, with the size limit at zero), LSQ is exact to fp16 rounding."""
+    import onnx_whc.recovery.replay as replay_module
+
+    model = _linear_convs()
+    _make_dependent(model, "c1", [6, 7])
+    original, pruned, keep, shapes = _pruned_pair(model, {0: 0.25}, {"c1": [6, 7]})
+    calib = np.random.default_rng(0).standard_normal((48, 4, 8, 8)).astype(np.float32)
+    held = np.random.default_rng(1).standard_normal((16, 4, 8, 8)).astype(np.float32)
+    monkeypatch.setattr(replay_module, "COMPACT_BYTES", 0)
+    replay = Replay(original, {"x": calib}, 16)
+    replay.run_to(replay.nodes[-1].name)
+    assert replay.compacted and all(replay.cache[n][0].dtype == np.float16 for n in replay.compacted)
+    recovered, _ = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq", ridge=0.0))
+    assert _max_error(original, recovered, held) < 2e-2
+
+
 def _relu_net(batch_norm: bool) -> onnx.ModelProto:
     """conv -> [BatchNorm] -> Relu -> conv -> ... whose first conv has channels of large positive mean."""
     b = GraphBuilder(seed=3)
