@@ -52,7 +52,7 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {i.name: i.type.tensor_type.elem_type for i in infos if i.type.tensor_type.elem_type}
 
 
-_RUN_BYTES = 128 << 20  # bytes of the largest activation per ONNX Runtime run
+_RUN_BYTES = 64 << 20  # bytes of the largest activation per ONNX Runtime run
 # An activation larger than this over all samples is held in float16: the two models' early
 # expansions of a 224x224 mobile net are 2 GB each in float32 for 400 images. Its readers compute
 # in float32 again (a relative rounding of 5e-4, below what the fits can use).
