@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .progress import progress_bar
-from .errors import UserInputError, ValidationError
+from .errors import UserInputError, ValidationError, first_line
 from .load import load
 from .metrics import model_cost
 from .profile import LayerTime, by_layer, layer_macs, layer_times, node_names, node_times
@@ -215,16 +215,11 @@ def _open(model, providers: list[str], role: str, threads: int | None):
     try:
         return session(model, providers, threads)
     except Exception as err:  # ORT raises several exception types on load
-        raise UserInputError(f"ONNX Runtime cannot load the {role} model ({_first_line(err)})") from None
+        raise UserInputError(f"ONNX Runtime cannot load the {role} model ({first_line(err)})") from None
 
 
 def _run_once(sess, feeds: dict, role: str, batch: int) -> None:
     try:
         sess.run(None, feeds)
     except Exception as err:
-        raise UserInputError(f"the {role} model does not run at batch {batch} ({_first_line(err)})") from None
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+        raise UserInputError(f"the {role} model does not run at batch {batch} ({first_line(err)})") from None

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from .errors import UserInputError
+from .errors import UserInputError, first_line
 from . import storage
 from .storage import fits_protobuf
 
@@ -98,7 +98,7 @@ def _load_external_data(model: onnx.ModelProto, path: str) -> None:
     try:
         onnx.load_external_data_for_model(model, base)
     except (OSError, ValueError) as err:
-        raise UserInputError(f"{path}: cannot read external data ({_first_line(err)})") from None
+        raise UserInputError(f"{path}: cannot read external data ({first_line(err)})") from None
     except onnx.checker.ValidationError as err:  # onnx's own refusal: a link, a path it will not follow
         raise UserInputError(f"{path}: onnx refuses to read its external data ({_one_line(err)})") from None
 
@@ -162,11 +162,6 @@ def _undecodable(message) -> str | None:
     return None
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
     """Read, check and fold a model; `input_shapes` fixes dynamic input dimensions."""
     # The checker parses a file into its own copy: run it before Python parses the file, so the
@@ -197,7 +192,7 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
     try:
         graph = gs.import_onnx(model)
     except Exception as err:  # gs raises bare exceptions on malformed graphs
-        raise UserInputError(f"the model graph cannot be read ({_first_line(err)})") from None
+        raise UserInputError(f"the model graph cannot be read ({first_line(err)})") from None
     _name_nodes(graph)
     graph.fold_constants(error_ok=True).cleanup().toposort()
     _materialize(graph)
@@ -414,7 +409,7 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as err:
-        raise UserInputError(f"shape inference failed on this model ({_first_line(err)})") from None
+        raise UserInputError(f"shape inference failed on this model ({first_line(err)})") from None
 
 
 def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:

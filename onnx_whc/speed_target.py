@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserInputError, ValidationError
+from .errors import UserInputError, ValidationError, first_line
 from .validate import best_providers, random_inputs, session, time_pair
 
 TOLERANCE = 0.02  # stop when the passing and failing budgets are this close (share of MACs)
@@ -80,8 +80,7 @@ class Timer:
         try:
             self.original.run(None, self.feeds)
         except Exception as err:  # ORT raises several types; a fixed batch is the usual cause
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserInputError(f"the model does not run at --batch {target.batch} ({first})") from None
+            raise UserInputError(f"the model does not run at --batch {target.batch} ({first_line(err)})") from None
 
     @functools.cached_property
     def original_ms(self) -> float:

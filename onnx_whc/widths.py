@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .dependency import ChannelAnalysis, ChannelGroup
+from .errors import first_line
 from .load import LoadedModel
 from .select import GroupDecision, PrunePlan
 
@@ -120,7 +121,7 @@ def measure_widths(loaded: LoadedModel, analysis: ChannelAnalysis, providers: li
                 entry = {"widths": widths, "ms": _time_widths(loaded, analysis, group, cut, widths, providers,
                                                               threads, batch)}
             except Exception as err:  # ORT raises several types: a cut-out that will not run is not timed
-                found.failed[group.id] = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                found.failed[group.id] = first_line(err)[:200]
                 continue
             stored[key] = entry
             found.measured += 1
