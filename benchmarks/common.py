@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnx_whc.widths import processor
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_MODELS = {
@@ -30,14 +32,8 @@ def shared_model(name: str) -> Path:
 
 def environment() -> dict:
     """What the numbers depend on: CPU, core count, library versions, load when measuring."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": cpu,
+        "cpu": processor(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnx": onnx.__version__,

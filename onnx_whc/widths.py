@@ -94,7 +94,7 @@ def steps_of(widths: list[int], ms: list[float]) -> np.ndarray:
 
 
 def runtime_key(provider: str, threads: int | None, batch: int) -> str:
-    return (f"{provider}|{_processor()}|onnxruntime {ort.__version__}|threads {threads or 'default'}|batch {batch}")
+    return (f"{provider}|{processor()}|onnxruntime {ort.__version__}|threads {threads or 'default'}|batch {batch}")
 
 
 def measure_widths(loaded: LoadedModel, analysis: ChannelAnalysis, providers: list[str], threads: int | None = None,
@@ -140,7 +140,8 @@ def default_cache() -> Path:
     return Path(base) / "widths.json"
 
 
-def _processor() -> str:
+def processor() -> str:
+    """The CPU's model name (what the cache and the benchmarks key timings by)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -237,15 +238,14 @@ def _pruned_cut(loaded: LoadedModel, analysis: ChannelAnalysis, group: ChannelGr
 
 def _time_widths(loaded, analysis, group, cut, widths, providers, threads, batch) -> list[float]:
     """Median ms of the cut-out at each width, the widths timed in turn, round after round."""
-    from .validate import session
+    from .validate import random_inputs, session
 
     sessions, feeds = [], []
-    rng = np.random.default_rng(0)
     for width in widths:
         model, shapes = _pruned_cut(loaded, analysis, group, cut, width, batch)
         sess = session(model, providers, threads)
         sessions.append(sess)
-        feeds.append({i.name: _random(rng, i.type, shapes[i.name]) for i in sess.get_inputs()})
+        feeds.append(random_inputs(sess, shapes, batch))
     times = [[] for _ in widths]
     for round_ in range(WARMUP + ROUNDS):
         for sess, feed, record in zip(sessions, feeds, times):
@@ -254,14 +254,6 @@ def _time_widths(loaded, analysis, group, cut, widths, providers, threads, batch
             if round_ >= WARMUP:
                 record.append((time.perf_counter() - begin) * 1000)
     return [round(float(np.median(t)), 5) for t in times]
-
-
-def _random(rng: np.random.Generator, type_name: str, shape) -> np.ndarray:
-    if "float16" in type_name:
-        return rng.standard_normal(shape).astype(np.float16)
-    if "int64" in type_name:
-        return np.zeros(shape, dtype=np.int64)
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 def _read_cache(path: Path) -> dict:
