@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +55,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def cold_widths_cache():
+    """An empty measured-widths cache of its own while the block runs (the user's is left alone)."""
+    before = os.environ.get("ONNX_WHC_CACHE")
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["ONNX_WHC_CACHE"] = folder
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["ONNX_WHC_CACHE"]
+            else:
+                os.environ["ONNX_WHC_CACHE"] = before
 
 
 def write_results(name: str, markdown: str, data: dict, folder: Path = RESULTS) -> None:

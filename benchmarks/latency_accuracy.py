@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -26,7 +24,7 @@ import onnx_whc
 from onnx_whc.speed_target import SpeedTarget
 from onnx_whc.validate import session, time_pair
 
-from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
+from .common import RESULTS, cold_widths_cache, environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, load_split
 
 # name -> (dataset, MACs budget)
@@ -59,13 +57,11 @@ def run(name: str) -> dict:
     by_macs, macs_report = onnx_whc.prune(path, target_macs=budget, calib=calib, validate=False)
     macs_seconds = time.perf_counter() - start
     goal = float(np.median(_speedups(path, [by_macs] * TARGET_TIMINGS, shape)))
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["ONNX_WHC_CACHE"] = cache
+    with cold_widths_cache():
         start = time.perf_counter()
         by_speed, speed_report = onnx_whc.prune(path, speed=SpeedTarget(goal, threads=THREADS), calib=calib,
                                                 validate=False, provider="cpu")
         speed_seconds = time.perf_counter() - start
-        del os.environ["ONNX_WHC_CACHE"]
     measured = _speedups(path, [by_macs, by_speed], shape)
     row = {"model": name, "top1_original": round(accuracy(str(path), xe, ye), 4), "target_speedup": round(goal, 3)}
     for key, model, report, seconds, speedup in (("macs", by_macs, macs_report, macs_seconds, measured[0]),

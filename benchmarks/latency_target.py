@@ -15,8 +15,6 @@ is not the one the search selected on. Writes benchmarks/results/latency_target.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import onnx
@@ -30,7 +28,7 @@ from onnx_whc.speed_target import SpeedTarget
 from onnx_whc.widths import measure_widths
 
 from . import synthetic
-from .common import SHARED, environment, environment_line, markdown_table, write_results
+from .common import SHARED, cold_widths_cache, environment, environment_line, markdown_table, write_results
 
 # name -> (how to get the model, target speedup, least measured speedup the issue accepts)
 MODELS = {
@@ -53,8 +51,7 @@ def run(name: str, threads: int | None) -> list[dict]:
     make, speedup, accept = MODELS[name]
     model = make()
     rows = []
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["ONNX_WHC_CACHE"] = cache  # a cold cache for the first search
+    with cold_widths_cache():  # cold for the first search, warm for the rest
         for how in HOW:
             start = time.perf_counter()
             if how.startswith("speed"):
@@ -81,7 +78,6 @@ def run(name: str, threads: int | None) -> list[dict]:
             rows.append(row)
             print(f"{name} {how}: {measured:.2f}x measured at {report.macs_kept:.3f} of the MACs, {seconds:.0f} s",
                   flush=True)
-        del os.environ["ONNX_WHC_CACHE"]
     return rows
 
 
