@@ -108,7 +108,8 @@ def prune(
 
     `calib` is a folder of images, an .npy, an .npz or arrays keyed by input name (`calib_size`
     samples, `preprocess` a `calibration.Preprocess`). Without it, an image model gets built-in
-    synthetic dead-leaves images (`synthetic=False` turns them off). With data, `allocate`
+    synthetic dead-leaves images, refined by model inversion where it is a classifier of 64 px or
+    more (`synthetic=False` turns them off). With data, `allocate`
     (default on) spends the MACs budget per group where it costs the least, and recovery
     (`recover`: auto, none, bias, stats, lsq; see `onnx_whc.recover`) refits the changed layers.
     Quality (`onnx_whc.quality`) is measured on held-out samples. `floor` (a `QualityFloor`)

@@ -64,7 +64,7 @@ _CALIBRATION_OPTIONS = [
                  "[default: the preset's, else 0.229,0.224,0.225]"),
     click.option("--synthetic/--no-synthetic", default=True, show_default=True,
                  help="Without --calib, recover and measure on built-in synthetic dead-leaves images when the "
-                 "model takes images."),
+                 "model takes images (refined by model inversion for classifiers of 64 px or more)."),
     click.option("--resize", type=int, help="Scale images' short side to this many pixels (bilinear). "
                  "Without --resize/--crop, images are resized to the model's input size."),
     click.option("--crop", type=int, help="Centre-crop a square of this size (after --resize)."),

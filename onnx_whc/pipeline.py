@@ -74,8 +74,11 @@ class Pipeline:
         self.input_types = {t.name: np.dtype(t.dtype or np.float32) for t in self.loaded.graph.inputs
                             if t.name in self.loaded.input_shapes}
         wanted = recover != "none" or measure or needs_data or bool(allocate)  # else synthetic images go unused
+        original = export(self.loaded.graph.copy(), self.loaded) if wanted else None
+        fitted = recover != "none" or needs_data or bool(allocate)  # else synthetic images only measure: not refined
         self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, calib, calib_size,
-                                                 preprocess, seed, synthetic, wanted)
+                                                 preprocess, seed, synthetic, wanted, original if fitted else None,
+                                                 self.before.macs, progress_bar(progress, "refining synthetic images"))
         self.method = recovery.resolve_method(recover, self.calibration is not None)
         data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
         allocate = data_driven or needs_data if allocate is None else allocate
@@ -90,7 +93,7 @@ class Pipeline:
         self.select_args = dict(criterion=self.criterion, round_to=round_to, exclude=tuple(exclude), seed=seed,
                                 importance=_importance(self.criterion, self.analysis, self.loaded, stats, seed))
         measure = measure or self.method != "none"
-        self.original = export(self.loaded.graph.copy(), self.loaded) if measure else None  # else nothing compares
+        self.original = (original or export(self.loaded.graph.copy(), self.loaded)) if measure else None
         self.chunk = samples_per_run(self.original, self.loaded.shapes) if measure else 1
         self.probe = _quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
                                     self.input_types, self.chunk, seed) if measure else None
@@ -159,7 +162,8 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
     return model, cost
 
 
-def _calibration(input_shapes, types, calib, size, preprocess, seed, synthetic: bool, wanted: bool):
+def _calibration(input_shapes, types, calib, size, preprocess, seed, synthetic: bool, wanted: bool,
+                 original: onnx.ModelProto | None, macs: int, progress):
     """(the Calibration, or None and why there is none); synthetic images only when `wanted`."""
     if calib is not None:
         return make_calibration(calib, input_shapes, types, size, preprocess, seed), ""
@@ -167,7 +171,7 @@ def _calibration(input_shapes, types, calib, size, preprocess, seed, synthetic: 
         return None, "no --calib, and --no-synthetic"
     if not wanted:
         return None, "none needed: no recovery and no validation"
-    return synthetic_calibration(input_shapes, types, preprocess, seed)
+    return synthetic_calibration(input_shapes, types, preprocess, seed, model=original, macs=macs, progress=progress)
 
 
 def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int):

@@ -1,0 +1,149 @@
+"""Model inversion: the backward pass written as ONNX nodes, and the images it refines."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from onnx_whc.calibration import (INVERSION_MACS, INVERSION_VALUE_MACS, augmented, normalize, preset_preprocess,
+                                  synthetic_calibration)
+from onnx_whc.deadleaves import dead_leaves
+from onnx_whc.inversion import InversionSettings, NotInvertible, gradient_model, refine
+
+from .builder import GraphBuilder
+
+
+def _smooth_classifier(with_max_pool: bool = False, side: int = 16):
+    """Every op with a backward rule, between an image and 5 logits (smooth activations only)."""
+    b = GraphBuilder(opset=17, seed=3)
+    x = b.input("x", [1, 3, side, side])
+    y = b.sigmoid(b.conv(x, 8, k=3, stride=2, name="stem"))  # strided, padded
+    y = b.op("Pad", [y, b.ints([0, 0, 1, 0, 0, 0, 0, 1]), b.const(np.float32(0))], mode="constant")
+    dw = b.conv(y, 8, k=3, group=8, pad=0, name="dw")  # depthwise, unpadded, after an asymmetric Pad
+    gate = b.sigmoid(b.conv(b.global_average_pool(dw), 8, k=1, name="se"))
+    y = b.op("Mul", [dw, gate])  # squeeze-excitation: a broadcast product of two computed tensors
+    branch = b.conv(y, 4, k=1, name="proj")
+    y = b.op("Add", [branch, b.op("Sub", [branch, b.conv(y, 4, k=1, name="side")])])
+    if with_max_pool:
+        y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[1, 1])
+    y = b.op("Concat", [y, b.op("Mul", [y, b.const(np.float32(0.5))])], axis=1)
+    y = b.op("Clip", [y, b.const(np.float32(-50)), b.const(np.float32(50))])  # never reached: smooth here
+    strided = b.op("Slice", [y, b.ints([1, 0]), b.ints([7, 7]), b.ints([2, 3]), b.ints([2, 3])])  # 3×3 of 7×7
+    pooled = b.op("Add", [b.global_average_pool(y), b.global_average_pool(strided)])
+    logits = b.op("Mul", [b.gemm(b.flatten(pooled), 5), b.const(np.float32(10))])  # confident
+    return b.build(outputs=[b.softmax(logits, axis=1)])
+
+
+def _loss_and_grad(model, x, target):
+    grad_model = gradient_model(model, x.shape)
+    sess = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    probs, grad = sess.run(None, {"x": x, "target": target})
+    return probs, grad
+
+
+def test_input_gradient_matches_finite_differences():
+    model = _smooth_classifier()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    target = np.eye(5, dtype=np.float32)[[0, 2, 4]]
+    forward = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def loss(inputs):
+        probs = forward.run(None, {"x": inputs.astype(np.float32)})[0].astype(np.float64)
+        return -np.sum(target * np.log(probs))
+
+    _, grad = _loss_and_grad(model, x, target)
+    for _ in range(3):
+        direction = rng.standard_normal(x.shape)
+        eps = 1e-2
+        numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+        assert float(np.sum(grad * direction)) == pytest.approx(numeric, rel=2e-2, abs=1e-3)
+
+
+def test_gradient_model_keeps_the_forward_outputs():
+    model = _smooth_classifier()
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    probs, _ = _loss_and_grad(model, x, np.eye(5, dtype=np.float32)[:2])
+    forward = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(probs, forward.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_op_without_a_rule_is_named():
+    with pytest.raises(NotInvertible, match="no gradient for MaxPool node"):
+        gradient_model(_smooth_classifier(with_max_pool=True), (1, 3, 16, 16))
+
+
+def test_a_dense_output_is_not_inverted():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    with pytest.raises(NotInvertible, match="is not N×classes"):
+        gradient_model(b.build(outputs=[b.conv(x, 4)]), (1, 3, 8, 8))
+
+
+def test_refine_moves_images_towards_their_classes_within_the_pixel_range():
+    model = _smooth_classifier()
+    x = np.random.default_rng(2).uniform(-1, 1, (10, 3, 16, 16)).astype(np.float32)
+    settings = InversionSettings(steps=15, lr=0.1, jitter=0, flip=False, batch=4)
+    refined = refine(model, x, np.float32(-1), np.float32(1), False, seed=0, settings=settings)
+    assert refined.shape == x.shape and refined.min() >= -1 and refined.max() <= 1
+    targets = np.random.default_rng([0, 0x1A7E]).permutation(np.arange(10) % 5)  # refine's own draw
+    forward = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    before = forward.run(None, {"x": x})[0][np.arange(10), targets]
+    after = forward.run(None, {"x": refined})[0][np.arange(10), targets]
+    assert after.mean() > 1.2 * before.mean()  # as far as the pixel range lets this random net be driven
+    again = refine(model, x, np.float32(-1), np.float32(1), False, seed=0, settings=settings)
+    np.testing.assert_array_equal(refined, again)  # deterministic from the seed
+
+
+def test_synthetic_calibration_fits_on_refined_images_and_holds_out_plain_ones():
+    model = _smooth_classifier(side=64)
+    preprocess = preset_preprocess("inception")
+    calibration, _ = synthetic_calibration({"x": (1, 3, 64, 64)}, {"x": np.dtype(np.float32)}, preprocess,
+                                           count=60, model=model, macs=1)
+    assert calibration.synthetic and calibration.fit_count == 48 and calibration.held_count == 12
+    assert calibration.source == ("60 built-in synthetic images: 48 dead leaves refined by model inversion towards "
+                                  "random classes to fit on, 12 plain dead leaves held out (no --calib given)")
+    # refined images read ~1.0 agreement whatever the pruning: the quality figure is measured on plain leaves
+    plain = normalize(dead_leaves(60, 64, 64, 0), preprocess)
+    np.testing.assert_array_equal(calibration.held["x"], plain[48:])
+    assert not np.allclose(calibration.fit["x"], plain[:48])
+
+
+def test_a_budget_short_of_every_image_fills_the_fitting_set_with_copies():
+    model = _smooth_classifier(side=64)
+    macs = int(INVERSION_MACS / (40 * InversionSettings.steps)) - INVERSION_VALUE_MACS * 3 * 64 * 64  # pays for 40
+    calibration, _ = synthetic_calibration({"x": (1, 3, 64, 64)}, {"x": np.dtype(np.float32)},
+                                           preset_preprocess("inception"), count=60, model=model, macs=macs)
+    assert calibration.source == ("60 built-in synthetic images: 40 dead leaves refined by model inversion towards "
+                                  "random classes and 8 shifted and flipped copies of them to fit on, 12 plain dead "
+                                  "leaves held out (no --calib given)")
+    assert calibration.fit_count == 48 and calibration.held_count == 12
+    np.testing.assert_array_equal(calibration.fit["x"][40:], calibration.fit["x"][:8, ..., ::-1])  # mirrored
+
+
+@pytest.mark.parametrize("side, macs, reason", [
+    (64, "dense", "output 'conv_0' is not N×classes"),
+    (32, 1, "the images are under 64 px"),
+    (64, 10 ** 15, "the model is too large to invert in time"),
+])
+def test_synthetic_calibration_says_why_it_did_not_refine(side, macs, reason):
+    if macs == "dense":
+        b = GraphBuilder()
+        x = b.input("x", [1, 3, side, side])
+        model, macs = b.build(outputs=[b.conv(x, 4)]), 1
+    else:
+        model = _smooth_classifier(side=side)
+    calibration, _ = synthetic_calibration({"x": (1, 3, side, side)}, {"x": np.dtype(np.float32)},
+                                           preset_preprocess("inception"), count=40, model=model, macs=macs)
+    assert calibration.source == ("40 built-in synthetic dead-leaves images (no --calib given; not refined by "
+                                  f"model inversion: {reason})")
+
+
+def test_augmented_adds_mirrored_then_shifted_copies():
+    images = np.random.default_rng(0).standard_normal((3, 2, 18, 18)).astype(np.float32)
+    out = augmented(images, 8, (2, 3), seed=0)
+    assert out.shape == (8, 2, 18, 18)
+    np.testing.assert_array_equal(out[:3], images)
+    np.testing.assert_array_equal(out[3:6], images[..., ::-1])
+    assert not np.array_equal(out[6], out[0])  # shifted
