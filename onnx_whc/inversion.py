@@ -5,8 +5,8 @@ fraction of their usual variance: nothing in them looks like an object. Refining
 few steps of gradient descent on the pixels, towards a class the model is asked to see (the
 "class impressions" of zero-shot distillation, with total-variation and jitter priors as in
 DeepInversion), makes the deep layers fire more as they do on photos: on EfficientNet-Lite0 the
-last quarter of its convs gets 0.39 of the photos' variance instead of 0.28, and the model pruned
-to 0.75 of its MACs without --calib keeps 55.8% top-1 instead of 16.0%
+last quarter of its convs gets 0.38 of the photos' variance instead of 0.28, and the model pruned
+to 0.75 of its MACs without --calib keeps 50.6% top-1 instead of 16.0%
 (benchmarks/results/synthetic_gap.md).
 
 ONNX Runtime computes no gradients, so this module writes the backward pass as ONNX nodes next to
@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import first_line
+from .validate import session
 
 SUPPORTED = ("Conv", "Relu", "Clip", "Add", "Sub", "Mul", "Sigmoid", "Pad", "GlobalAveragePool",
              "Gemm", "Reshape", "Flatten", "Concat", "Slice", "Identity")
@@ -138,8 +139,6 @@ def refine(model: onnx.ModelProto, images: np.ndarray, low: np.ndarray, high: np
     image. `progress` wraps the iterable of steps. Raises NotInvertible when the model has no
     gradient model here.
     """
-    from .validate import session
-
     batch = min(settings.batch, len(images))
     try:
         grad_session = session(gradient_model(model, (batch, *images.shape[1:])), ["CPUExecutionProvider"])

@@ -74,11 +74,12 @@ class Pipeline:
         self.input_types = {t.name: np.dtype(t.dtype or np.float32) for t in self.loaded.graph.inputs
                             if t.name in self.loaded.input_shapes}
         wanted = recover != "none" or measure or needs_data or bool(allocate)  # else synthetic images go unused
-        original = export(self.loaded.graph.copy(), self.loaded) if wanted else None
-        fitted = recover != "none" or needs_data or bool(allocate)  # else synthetic images only measure: not refined
+        # Synthetic images are refined by inverting the model, unless they will only measure quality.
+        fitted = recover != "none" or needs_data or bool(allocate)
+        original = export(self.loaded.graph.copy(), self.loaded) if calib is None and synthetic and fitted else None
         self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, calib, calib_size,
-                                                 preprocess, seed, synthetic, wanted, original if fitted else None,
-                                                 self.before.macs, progress_bar(progress, "refining synthetic images"))
+                                                 preprocess, seed, synthetic, wanted, original, self.before.macs,
+                                                 progress_bar(progress, "refining synthetic images"))
         self.method = recovery.resolve_method(recover, self.calibration is not None)
         data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
         allocate = data_driven or needs_data if allocate is None else allocate
@@ -164,7 +165,8 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
 
 def _calibration(input_shapes, types, calib, size, preprocess, seed, synthetic: bool, wanted: bool,
                  original: onnx.ModelProto | None, macs: int, progress):
-    """(the Calibration, or None and why there is none); synthetic images only when `wanted`."""
+    """(the Calibration, or None and why there is none); synthetic images only when `wanted`,
+    refined by inverting `original` when it is given."""
     if calib is not None:
         return make_calibration(calib, input_shapes, types, size, preprocess, seed), ""
     if not synthetic:
