@@ -193,13 +193,13 @@ def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str,
     held = min(MAX_HELD_OUT, count // 5)
     refined = min(count - held, int(INVERSION_MACS // ((macs + INVERSION_VALUE_MACS * channels * h * w)
                                                        * InversionSettings.steps)))
-    why = _not_refined(model, shape, min(h, w), refined)
-    if not why:
-        settings = InversionSettings(batch=int(np.clip(INVERSION_BATCH_MACS // max(macs, 1), 8, 64)))
+    batch = max(1, min(refined, int(np.clip(INVERSION_BATCH_MACS // max(macs, 1), 8, 64))))
+    grad_model, why = _gradient_model(model, (batch, *shape[1:]), min(h, w), refined)
+    if grad_model is not None:
         try:
             images = leaves(refined + held)
-            fit = refine(model, images[:refined], *_pixel_bounds(preprocess, channels), channels_last, seed,
-                         settings, progress)
+            fit = refine(grad_model, images[:refined], *_pixel_bounds(preprocess, channels), channels_last, seed,
+                         progress=progress)
             return _refined_calibration(name, fit, images[refined:], count, input_types, channels_last, seed), ""
         except NotInvertible as err:
             why = str(err)
@@ -208,17 +208,20 @@ def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str,
     return Calibration.of(_cast({name: leaves(count)}, input_types), source, True, seed), ""
 
 
-def _not_refined(model: onnx.ModelProto | None, shape: tuple, side: int, affordable: int) -> str:
-    """Why the images are not refined by model inversion ("" when they are)."""
+def _gradient_model(model: onnx.ModelProto | None, shape: tuple, side: int,
+                    affordable: int) -> tuple[onnx.ModelProto | None, str]:
+    """The gradient model to refine the images on, or None and why they are not refined."""
     if model is None:
-        return "nothing is fitted on them"
+        return None, "nothing is fitted on them"
     if side < MIN_INVERSION_SIDE:
-        return f"the images are under {MIN_INVERSION_SIDE} px"
+        return None, f"the images are under {MIN_INVERSION_SIDE} px"
     try:
-        gradient_model(model, tuple(int(d) for d in shape))
-    except NotInvertible as err:
-        return str(err)
-    return "the model is too large to invert in time" if affordable < MIN_REFINED else ""
+        grad_model = gradient_model(model, tuple(int(d) for d in shape))
+    except NotInvertible as err:  # checked before the budget: a detector is told it is one, not that it is large
+        return None, str(err)
+    if affordable < MIN_REFINED:
+        return None, "the model is too large to invert in time"
+    return grad_model, ""
 
 
 def _refined_calibration(name: str, images: np.ndarray, plain: np.ndarray, count: int, input_types,

@@ -128,26 +128,22 @@ class InversionSettings:
     l2: float = 1e-5
     jitter: float = 1 / 28  # random shift, as a fraction of the side (8 px at 224)
     flip: bool = True  # and random mirror images: what the model sees must not hinge on left or right
-    batch: int = 8
 
 
-def refine(model: onnx.ModelProto, images: np.ndarray, low: np.ndarray, high: np.ndarray, channels_last: bool,
+def refine(grad_model: onnx.ModelProto, images: np.ndarray, low: np.ndarray, high: np.ndarray, channels_last: bool,
            seed: int = 0, settings: InversionSettings = InversionSettings(), progress=list) -> np.ndarray:
     """`images` moved by gradient descent towards one class each (distinct classes, at random).
 
-    `low` and `high` bound each input value (the normalised image range), broadcastable to one
-    image. `progress` wraps the iterable of steps. Raises NotInvertible when the model has no
-    gradient model here.
+    `grad_model` is `gradient_model`'s, its batch the number of images per run. `low` and `high`
+    bound each input value (the normalised image range), broadcastable to one image. `progress`
+    wraps the iterable of steps. Raises NotInvertible when ONNX Runtime cannot run the gradient model.
     """
-    batch = min(settings.batch, len(images))
     try:
-        grad_session = session(gradient_model(model, (batch, *images.shape[1:])), ["CPUExecutionProvider"])
-    except NotInvertible:
-        raise
+        grad_session = session(grad_model, ["CPUExecutionProvider"])
     except Exception as err:  # ONNX Runtime refusing the written graph: invert nothing rather than fail the prune
         raise NotInvertible(f"its gradient model does not run ({first_line(err)})") from None
     name = grad_session.get_inputs()[0].name
-    classes = grad_session.get_inputs()[1].shape[1]
+    batch, classes = grad_session.get_inputs()[0].shape[0], grad_session.get_inputs()[1].shape[1]
     rng = np.random.default_rng([seed, 0x1A7E])
     targets = rng.permutation(np.arange(len(images)) % classes)
     axes = (1, 2) if channels_last else (2, 3)
