@@ -128,11 +128,17 @@ class InversionSettings:
     l2: float = 1e-5
     jitter: float = 1 / 28  # random shift, as a fraction of the side (8 px at 224)
     flip: bool = True  # and random mirror images: what the model sees must not hinge on left or right
+    # Each image is pushed towards an equal mix of this many classes (fewer for models of under
+    # ten classes per mixed class): more of the deep, class-selective channels are driven than by
+    # one class each. EfficientNet-Lite0 at 0.75 of the MACs without --calib, top-1: 1 class
+    # 50.6–55.8% (four draws, mean 52.5), 2 classes 53.6%, 4 classes 52.6–57.6% (four, mean 55.9),
+    # 8 classes 51.0%.
+    classes_per_image: int = 4
 
 
 def refine(grad_model: onnx.ModelProto, images: np.ndarray, low: np.ndarray, high: np.ndarray, channels_last: bool,
            seed: int = 0, settings: InversionSettings = InversionSettings(), progress=list) -> np.ndarray:
-    """`images` moved by gradient descent towards one class each (distinct classes, at random).
+    """`images` moved by gradient descent towards a mix of classes each (`inversion_targets`).
 
     `grad_model` is `gradient_model`'s, its batch the number of images per run. `low` and `high`
     bound each input value (the normalised image range), broadcastable to one image. `progress`
@@ -145,7 +151,7 @@ def refine(grad_model: onnx.ModelProto, images: np.ndarray, low: np.ndarray, hig
     name = grad_session.get_inputs()[0].name
     batch, classes = grad_session.get_inputs()[0].shape[0], grad_session.get_inputs()[1].shape[1]
     rng = np.random.default_rng([seed, 0x1A7E])
-    targets = rng.permutation(np.arange(len(images)) % classes)
+    targets = inversion_targets(len(images), classes, settings.classes_per_image, rng)
     axes = (1, 2) if channels_last else (2, 3)
     shift = round(settings.jitter * min(images.shape[a] for a in axes))
     x = np.array(images, np.float32)
@@ -164,9 +170,26 @@ def refine(grad_model: onnx.ModelProto, images: np.ndarray, low: np.ndarray, hig
     return x
 
 
+def inversion_targets(count: int, classes: int, per_image: int, rng: np.random.Generator) -> np.ndarray:
+    """count × k class indices, k = per_image or fewer for models with under 10·k classes.
+
+    Each image's first class is drawn from all the classes (distinct while count ≤ classes), the
+    others follow it at equal spacing over the label space: labels come in semantic runs
+    (ImageNet's 120 dog breeds are 151–268), so a mix spans distant kinds of object. On
+    EfficientNet-Lite0 without --calib (single runs, 3 points apart between draws): 52.6–57.6%
+    top-1 over four draws; four classes drawn independently at random, 53.4 and 54.6%.
+    """
+    k = max(1, min(per_image, classes // 10))
+    first = np.concatenate([rng.permutation(classes) for _ in range(-(-count // classes))])[:count]
+    return (first[:, None] + np.arange(k) * (classes // k)) % classes
+
+
 def _jittered_grad(grad_session, name: str, x: np.ndarray, targets: np.ndarray, classes: int, batch: int,
                    axes: tuple[int, int], shift: int, flip: bool, rng: np.random.Generator) -> np.ndarray:
-    """The cross-entropy's gradient at a randomly shifted and flipped copy, mapped back."""
+    """The cross-entropy's gradient at a randomly shifted and flipped copy, mapped back.
+
+    `targets` holds each image's classes (a row each), weighted equally in its target distribution.
+    """
     offsets = tuple(int(v) for v in rng.integers(-shift, shift + 1, 2))
     flip = flip and bool(rng.random() < 0.5)
     moved = np.roll(x, offsets, axes)
@@ -175,7 +198,7 @@ def _jittered_grad(grad_session, name: str, x: np.ndarray, targets: np.ndarray, 
     feed = np.zeros((batch, *x.shape[1:]), np.float32)
     feed[:len(x)] = moved
     target = np.zeros((batch, classes), np.float32)
-    target[np.arange(len(x)), targets] = 1
+    target[np.arange(len(x))[:, None], targets] = 1.0 / targets.shape[1]
     grad = grad_session.run(["input_grad"], {name: feed, "target": target})[0][:len(x)]
     if flip:
         grad = np.flip(grad, axes[1])

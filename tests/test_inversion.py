@@ -9,13 +9,13 @@ import pytest
 from onnx_whc.calibration import (INVERSION_MACS, INVERSION_VALUE_MACS, augmented, normalize, preset_preprocess,
                                   synthetic_calibration)
 from onnx_whc.deadleaves import dead_leaves
-from onnx_whc.inversion import InversionSettings, NotInvertible, gradient_model, refine
+from onnx_whc.inversion import InversionSettings, NotInvertible, gradient_model, inversion_targets, refine
 
 from .builder import GraphBuilder
 
 
-def _smooth_classifier(with_max_pool: bool = False, side: int = 16):
-    """Every op with a backward rule, between an image and 5 logits (smooth activations only)."""
+def _smooth_classifier(with_max_pool: bool = False, side: int = 16, classes: int = 5):
+    """Every op with a backward rule, between an image and `classes` logits (smooth activations only)."""
     b = GraphBuilder(opset=17, seed=3)
     x = b.input("x", [1, 3, side, side])
     y = b.sigmoid(b.conv(x, 8, k=3, stride=2, name="stem"))  # strided, padded
@@ -31,7 +31,7 @@ def _smooth_classifier(with_max_pool: bool = False, side: int = 16):
     y = b.op("Clip", [y, b.const(np.float32(-50)), b.const(np.float32(50))])  # never reached: smooth here
     strided = b.op("Slice", [y, b.ints([1, 0]), b.ints([7, 7]), b.ints([2, 3]), b.ints([2, 3])])  # 3×3 of 7×7
     pooled = b.op("Add", [b.global_average_pool(y), b.global_average_pool(strided)])
-    logits = b.op("Mul", [b.gemm(b.flatten(pooled), 5), b.const(np.float32(10))])  # confident
+    logits = b.op("Mul", [b.gemm(b.flatten(pooled), classes), b.const(np.float32(10))])  # confident
     return b.build(outputs=[b.softmax(logits, axis=1)])
 
 
@@ -81,20 +81,37 @@ def test_a_dense_output_is_not_inverted():
         gradient_model(b.build(outputs=[b.conv(x, 4)]), (1, 3, 8, 8))
 
 
-def test_refine_moves_images_towards_their_classes_within_the_pixel_range():
-    model = _smooth_classifier()
+def _refined_target_probability(classes: int):
+    """(the probabilities of each image's target classes before and after, refined, again): 10 images."""
+    model = _smooth_classifier(classes=classes)
     x = np.random.default_rng(2).uniform(-1, 1, (10, 3, 16, 16)).astype(np.float32)
     settings = InversionSettings(steps=15, lr=0.1, jitter=0, flip=False)
     grad_model = gradient_model(model, (4, 3, 16, 16))  # 4 images per run
     refined = refine(grad_model, x, np.float32(-1), np.float32(1), False, seed=0, settings=settings)
-    assert refined.shape == x.shape and refined.min() >= -1 and refined.max() <= 1
-    targets = np.random.default_rng([0, 0x1A7E]).permutation(np.arange(10) % 5)  # refine's own draw
+    targets = inversion_targets(10, classes, settings.classes_per_image, np.random.default_rng([0, 0x1A7E]))
     forward = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    before = forward.run(None, {"x": x})[0][np.arange(10), targets]
-    after = forward.run(None, {"x": refined})[0][np.arange(10), targets]
-    assert after.mean() > 1.2 * before.mean()  # as far as the pixel range lets this random net be driven
+    rows = np.arange(10)[:, None]
+    before = forward.run(None, {"x": x})[0][rows, targets]
+    after = forward.run(None, {"x": refined})[0][rows, targets]
     again = refine(grad_model, x, np.float32(-1), np.float32(1), False, seed=0, settings=settings)
+    return before, after, refined, again
+
+
+def test_refine_moves_images_towards_their_classes_within_the_pixel_range():
+    before, after, refined, again = _refined_target_probability(5)
+    assert refined.shape == (10, 3, 16, 16) and refined.min() >= -1 and refined.max() <= 1
+    assert after.mean() > 1.2 * before.mean()  # as far as the pixel range lets this random net be driven
     np.testing.assert_array_equal(refined, again)  # deterministic from the seed
+
+
+def test_refine_pushes_each_image_towards_a_mix_of_classes_on_many_class_models():
+    targets = inversion_targets(10, 40, 4, np.random.default_rng(0))
+    assert targets.shape == (10, 4) and len(np.unique(targets[:, 0])) == 10  # distinct first classes
+    np.testing.assert_array_equal((targets - targets[:, :1]) % 40, np.tile([0, 10, 20, 30], (10, 1)))  # evenly spread
+    assert inversion_targets(10, 5, 4, np.random.default_rng(0)).shape == (10, 1)  # few classes: one each
+    before, after, _, _ = _refined_target_probability(40)
+    # the cross-entropy to the equal mix fell: the mean log-probability of the four classes rose
+    assert np.log(after).mean() > np.log(before).mean() + 1.0
 
 
 def test_synthetic_calibration_fits_on_refined_images_and_holds_out_plain_ones():
