@@ -2,11 +2,11 @@
 
 Dead-leaves images drive a classifier's early layers like photos do, but its last layers at a
 fraction of their usual variance: nothing in them looks like an object. Refining each image by a
-few steps of gradient descent on the pixels, towards a class the model is asked to see (the
-"class impressions" of zero-shot distillation, with total-variation and jitter priors as in
+few steps of gradient descent on the pixels, towards a mix of classes the model is asked to see
+(the "class impressions" of zero-shot distillation, with total-variation and jitter priors as in
 DeepInversion), makes the deep layers fire more as they do on photos: on EfficientNet-Lite0 the
-last quarter of its convs gets 0.38 of the photos' variance instead of 0.28, and the model pruned
-to 0.75 of its MACs without --calib keeps 50.6% top-1 instead of 16.0%
+last quarter of its convs gets 0.40 of the photos' variance instead of 0.28, and the model pruned
+to 0.75 of its MACs without --calib keeps 52.6% top-1 instead of 16.0%
 (benchmarks/results/synthetic_gap.md).
 
 ONNX Runtime computes no gradients, so this module writes the backward pass as ONNX nodes next to

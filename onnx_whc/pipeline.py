@@ -73,9 +73,9 @@ class Pipeline:
         self.before = model_cost(self.loaded.graph, self.loaded.shapes)
         self.input_types = {t.name: np.dtype(t.dtype or np.float32) for t in self.loaded.graph.inputs
                             if t.name in self.loaded.input_shapes}
-        wanted = recover != "none" or measure or needs_data or bool(allocate)  # else synthetic images go unused
         # Synthetic images are refined by inverting the model, unless they will only measure quality.
         fitted = recover != "none" or needs_data or bool(allocate)
+        wanted = fitted or measure  # else synthetic images go unused
         original = export(self.loaded.graph.copy(), self.loaded) if calib is None and synthetic and fitted else None
         self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, calib, calib_size,
                                                  preprocess, seed, synthetic, wanted, original, self.before.macs,
