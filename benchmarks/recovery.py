@@ -22,16 +22,18 @@ import time
 import numpy as np
 
 from onnx_whc.api import DEFAULT_ROUND_TO
+from onnx_whc.recover import RecoverySettings
 
 from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, forget_loaded, load_split
 
-BUDGETS = {"resnet56": [0.61, 0.80], "resnet20": [0.61, 0.80], "efficientnet_lite0": [0.75]}
+BUDGETS = {"resnet56": [0.61, 0.80], "resnet20": [0.61, 0.80], "efficientnet_lite0": [0.75, 0.60]}
 DATASET = {"resnet56": "cifar10", "resnet20": "cifar10", "efficientnet_lite0": "imagenet"}
 BASELINES = {"resnet20": 0.8110, "resnet56": 0.8328, "efficientnet_lite0": 0.8820}  # ../shared/README.md
-# The tool's targets for its default behaviour (top-1 at MACs kept <= budget).
-TARGETS = {("resnet56", 0.61): 0.80, ("resnet56", 0.80): 0.83, ("resnet20", 0.61): 0.72,
-           ("efficientnet_lite0", 0.75): 0.82}
+# The tool's targets for its default behaviour (top-1 at MACs kept <= budget): those of the mobile-nets
+# issue (ResNets at about 40% fewer MACs, EfficientNet-Lite0 at 25% and 40% fewer), and the earlier one at 20%.
+TARGETS = {("resnet56", 0.61): 0.82, ("resnet56", 0.80): 0.83, ("resnet20", 0.61): 0.76,
+           ("efficientnet_lite0", 0.75): 0.85, ("efficientnet_lite0", 0.60): 0.78}
 # name -> (criterion, allocate, recover); "default" is what `--calib` alone gives.
 CELLS = {
     "default": ("auto", True, "lsq"),
@@ -58,8 +60,12 @@ CELLS = {
     "inner-lsq": ("whc", False, "lsq", ("/conv1/*", "*conv2*")),
     "inner-l2-none": ("l2", False, "none", ("/conv1/*", "*conv2*")),
     "inner-fpgm-none": ("fpgm", False, "none", ("/conv1/*", "*conv2*")),
+    # the default with more sampled output positions per fitted layer (`--recover-samples N`; default 20,000)
+    "rows-80k": ("auto", True, "lsq", (), 80_000),
+    "rows-160k": ("auto", True, "lsq", (), 160_000),
 }
 INNER = [name for name in CELLS if name.startswith("inner")]
+ON_REQUEST = INNER + ["rows-80k", "rows-160k"]  # not in the default grid
 # Variants tried for mobile nets and not kept: measured on the commit that had their code, with
 # `git checkout <commit>` and `[WHC_COMPENSATE=1] python -m benchmarks.recovery --one '[model, budget, cell, 8, null]'`;
 # their records carry "code" (the commit) and "variant" (the name here).
@@ -69,9 +75,12 @@ OTHER_CODE = {
     "compensated": ("442ba71", "default", "WHC_COMPENSATE=1 ", "criterion `energy`; allocation probes fill removed "
                     "channels with their least-squares prediction from the kept ones (damage after a reader refit)"),
     "refit-compensated": ("442ba71", "refit", "WHC_COMPENSATE=1 ", "both of the above"),
+    "progressive": ("0453af9", "default", "WHC_ROUNDS=3 ", "allocation in three rounds: after each third of the "
+                    "budget, every group's damage re-measured with the plan so far applied (interactions between "
+                    "groups, e.g. many blocks of one stage pruned together)"),
 }
 # The big model gets the cells that answer the questions; its peers' uniform rows add little.
-MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm",
+MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm", "rows-80k",
                                       "random"]}
 JSON = RESULTS / "recovery.json"
 
@@ -80,13 +89,16 @@ def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | N
     """One prune and its evaluation (runs inside the subprocess)."""
     import onnx_whc
 
-    criterion, allocate, recover, *exclude = CELLS[name]
+    criterion, allocate, recover, *rest = CELLS[name]
+    exclude = rest[0] if rest else ()
+    samples = rest[1] if len(rest) > 1 else None  # sampled rows per fitted layer; None: the default
     calib = np.array(load_split(DATASET[model], "calib")[0])  # the tool's copy: the cached one is dropped
     forget_loaded()  # so the peak memory is the prune's, not the benchmark's
     start = time.perf_counter()
     pruned, report = onnx_whc.prune(shared_model(model), target_macs=budget, criterion=criterion, allocate=allocate,
-                                    recover=recover, round_to=round_to, exclude=exclude[0] if exclude else (), calib=None if recover in ("none", "bias") and not allocate
-                                    else calib, validate=False)
+                                    recover=recover, round_to=round_to, exclude=exclude, calib=None if recover in ("none", "bias") and not allocate
+                                    else calib, validate=False,
+                                    recovery_settings=RecoverySettings(samples=samples) if samples else None)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB; before the eval images
     inputs, labels = load_split(DATASET[model], "eval", limit)
@@ -94,7 +106,7 @@ def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | N
     return {
         "model": model, "budget": budget, "cell": name, "round_to": round_to, "criterion": report.criterion,
         "allocate": allocate, "trunk_kept": bool(exclude),
-        "recover": recover, "top1": accuracy(pruned.SerializeToString(), inputs, labels),
+        "recover": recover, "recover_samples": samples, "top1": accuracy(pruned.SerializeToString(), inputs, labels),
         "eval_images": len(labels), "macs_kept": round(report.macs_kept, 4), "params_kept": round(report.params_kept, 4),
         "uniform_ratio": report.ratio, "allocation": report.allocation and report.allocation["ratios"],
         # analysis and allocation probing happen as the prune sets up; recovery times itself
@@ -163,7 +175,8 @@ def markdown(results: list[dict], env: dict, models: list[str]) -> str:
         for r in sorted(cells, key=lambda r: (-r["round_to"], r["budget"], list(CELLS).index(r["cell"]))):
             how = "allocated" if r["allocate"] else f"uniform {r['uniform_ratio']:g}"
             how += ", trunk whole" if r.get("trunk_kept") else ""
-            rows.append([f"{r['budget']:.2f}", r["round_to"], f"{r['macs_kept']:.3f}", r["criterion"], how, r["recover"],
+            recovered = r["recover"] + (f", {r['recover_samples']:,} rows" if r.get("recover_samples") else "")
+            rows.append([f"{r['budget']:.2f}", r["round_to"], f"{r['macs_kept']:.3f}", r["criterion"], how, recovered,
                          _pct(r["top1"]), _fidelity(r), f"{r['select_seconds'] or 0:.1f}",
                          f"{r['recover_seconds'] or 0:.1f}", f"{r['total_seconds']:.1f}", r["peak_rss_mib"]])
         lines += [markdown_table(["budget (MACs kept ≤)", "round-to", "MACs kept", "criterion", "ratios", "recovery", "top-1",
@@ -177,7 +190,8 @@ def _other_code(results: list[dict]) -> list[str]:
     if not others:
         return []
     lines = ["## Variants tried and not kept", "",
-             "Each measured on the commit that holds its code (branch `experiment/refit-selection`); the default "
+             "Each measured on the commit that holds its code (branches `experiment/refit-selection`, "
+             "`experiment/progressive`); the default "
              "row is this version's. Command: `git checkout COMMIT && ENV python -m benchmarks.recovery --one "
              "'[\"MODEL\", BUDGET, \"CELL\", 8, null]'`.", ""]
     rows = []
@@ -195,7 +209,7 @@ def _other_code(results: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BUDGETS))
-    parser.add_argument("--cells", default=",".join(c for c in CELLS if c not in INNER),
+    parser.add_argument("--cells", default=",".join(c for c in CELLS if c not in ON_REQUEST),
                         help=f"any of {', '.join(CELLS)}")
     parser.add_argument("--limit", type=int, help="Evaluate on this many eval images (default: all).")
     parser.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, help="As onnx-whc prune (default: its default).")
