@@ -216,7 +216,7 @@ def _gradient_model(model: onnx.ModelProto | None, shape: tuple, side: int,
     if side < MIN_INVERSION_SIDE:
         return None, f"the images are under {MIN_INVERSION_SIDE} px"
     try:
-        grad_model = gradient_model(model, tuple(int(d) for d in shape))
+        grad_model = gradient_model(model, tuple(int(d) for d in shape), InversionSettings.spread)
     except NotInvertible as err:  # checked before the budget: a detector is told it is one, not that it is large
         return None, str(err)
     if affordable < MIN_REFINED:

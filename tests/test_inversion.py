@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -165,3 +166,31 @@ def test_augmented_adds_mirrored_then_shifted_copies():
     np.testing.assert_array_equal(out[:3], images)
     np.testing.assert_array_equal(out[3:6], images[..., ::-1])
     assert not np.array_equal(out[6], out[0])  # shifted
+
+
+def test_the_spread_term_adds_the_gradient_of_the_deep_channels_log_variance():
+    model = _smooth_classifier()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    target = np.eye(5, dtype=np.float32)[[1, 3]]
+    deep = next(n.output[0] for n in model.graph.node if n.op_type == "Clip")  # the only activation: the deep half
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.append(onnx.ValueInfoProto(name=deep))
+    forward = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    weight = 2.0
+
+    def loss(inputs):
+        probs, h = (a.astype(np.float64) for a in forward.run(None, {"x": inputs.astype(np.float32)}))
+        log_var = np.log(h.var(axis=(2, 3)) + 1e-3)  # per image and channel
+        return -np.sum(target * np.log(probs)) - weight * log_var.sum() / h.shape[1]
+
+    sess = ort.InferenceSession(gradient_model(model, x.shape, spread=weight).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    grad = sess.run(["input_grad"], {"x": x, "target": target})[0]
+    _, plain = _loss_and_grad(model, x, target)
+    assert np.abs(grad - plain).max() > 1e-3 * np.abs(plain).max()  # the term is there
+    for _ in range(3):
+        direction = rng.standard_normal(x.shape)
+        eps = 1e-2
+        numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+        assert float(np.sum(grad * direction)) == pytest.approx(numeric, rel=2e-2, abs=1e-3)
