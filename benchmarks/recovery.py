@@ -65,7 +65,8 @@ CELLS = {
     "rows-160k": ("auto", True, "lsq", (), 160_000),
 }
 INNER = [name for name in CELLS if name.startswith("inner")]
-ON_REQUEST = INNER + ["rows-80k", "rows-160k"]  # not in the default grid
+ROWS = [name for name, cell in CELLS.items() if len(cell) > 4]  # cells with their own sampled rows
+ON_REQUEST = INNER + ROWS  # not in the default grid
 # Variants tried for mobile nets and not kept: measured on the commit that had their code, with
 # `git checkout <commit>` and `[WHC_COMPENSATE=1] python -m benchmarks.recovery --one '[model, budget, cell, 8, null]'`;
 # their records carry "code" (the commit) and "variant" (the name here).
@@ -80,8 +81,8 @@ OTHER_CODE = {
                     "groups, e.g. many blocks of one stage pruned together)"),
 }
 # The big model gets the cells that answer the questions; its peers' uniform rows add little.
-MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm", "rows-80k",
-                                      "random"]}
+MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm",
+                                      "random", "rows-80k"]}
 JSON = RESULTS / "recovery.json"
 
 

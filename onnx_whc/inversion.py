@@ -137,11 +137,12 @@ def _spread_gradients(b: _Builder, graph: onnx.GraphProto, needed: set[str], wei
             and len(b.shapes[n.output[0]]) == 4]
     acts = acts[len(acts) // 2:]
     grads = {}
+    eps = b.const(np.array(1e-3, np.float32), "spread_eps")
     for name in acts:
         _, channels, h, w = b.shapes[name]
         centred = b.add("Sub", [name, b.add("GlobalAveragePool", [name], "spread_mean")], "spread_centred")
         var = b.add("GlobalAveragePool", [b.add("Mul", [centred, centred], "spread_square")], "spread_var")
-        var = b.add("Add", [var, b.const(np.array(1e-3, np.float32), "spread_eps")], "spread_var")
+        var = b.add("Add", [var, eps], "spread_var")
         scale = b.const(np.array(-2 * weight / (h * w * channels * len(acts)), np.float32), "spread_scale")
         grads[name] = b.add("Mul", [b.add("Div", [centred, var], "spread_ratio"), scale], "spread_grad")
     return grads

@@ -43,6 +43,15 @@ def _loss_and_grad(model, x, target):
     return probs, grad
 
 
+def _assert_matches_finite_differences(grad, loss, x, rng):
+    """`grad` agrees with central differences of `loss` at `x` along three random directions."""
+    for _ in range(3):
+        direction = rng.standard_normal(x.shape)
+        eps = 1e-2
+        numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+        assert float(np.sum(grad * direction)) == pytest.approx(numeric, rel=2e-2, abs=1e-3)
+
+
 def test_input_gradient_matches_finite_differences():
     model = _smooth_classifier()
     rng = np.random.default_rng(0)
@@ -55,11 +64,7 @@ def test_input_gradient_matches_finite_differences():
         return -np.sum(target * np.log(probs))
 
     _, grad = _loss_and_grad(model, x, target)
-    for _ in range(3):
-        direction = rng.standard_normal(x.shape)
-        eps = 1e-2
-        numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
-        assert float(np.sum(grad * direction)) == pytest.approx(numeric, rel=2e-2, abs=1e-3)
+    _assert_matches_finite_differences(grad, loss, x, rng)
 
 
 def test_gradient_model_keeps_the_forward_outputs():
@@ -189,8 +194,4 @@ def test_the_spread_term_adds_the_gradient_of_the_deep_channels_log_variance():
     grad = sess.run(["input_grad"], {"x": x, "target": target})[0]
     _, plain = _loss_and_grad(model, x, target)
     assert np.abs(grad - plain).max() > 1e-3 * np.abs(plain).max()  # the term is there
-    for _ in range(3):
-        direction = rng.standard_normal(x.shape)
-        eps = 1e-2
-        numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
-        assert float(np.sum(grad * direction)) == pytest.approx(numeric, rel=2e-2, abs=1e-3)
+    _assert_matches_finite_differences(grad, loss, x, rng)
