@@ -28,10 +28,10 @@ MIN_WORST_R2 = 0.5  # one channel this poor (a detector's class score) breaks wh
 MAX_RELATIVE_ERROR = 0.1
 _PASS_THROUGH = ("Identity", "Cast")  # ops between a Softmax and the graph output that keep its meaning
 # Synthetic images are not the user's data: on EfficientNet-Lite0 without --calib the agreement on
-# held-out dead leaves read 0.03 where ImageNet images gave 0.70 (before model inversion: 0.81 and
-# 0.16; benchmarks/results/honest_quality.md). Said beside every such figure.
+# held-out refined images read 0.47 where ImageNet images gave 0.68 (on plain dead leaves held out
+# instead: 0.03 against 0.70; benchmarks/results/honest_quality.md). Said beside every such figure.
 SYNTHETIC_CAVEAT = ("note: quality was measured on synthetic images, not on your data; it can be far from what "
-                    "real inputs give (EfficientNet-Lite0: agreement 0.03 on synthetic images, 0.70 on ImageNet). "
+                    "real inputs give (EfficientNet-Lite0: agreement 0.47 on synthetic images, 0.68 on ImageNet). "
                     "Give --calib DIR to fit and measure on real inputs, or --eval DIR for top-1.")
 
 
