@@ -71,6 +71,8 @@ ON_REQUEST = INNER + ROWS  # not in the default grid
 # `git checkout <commit>` and `[WHC_COMPENSATE=1] python -m benchmarks.recovery --one '[model, budget, cell, 8, null]'`;
 # their records carry "code" (the commit) and "variant" (the name here).
 OTHER_CODE = {
+    "plain-lsq": ("2e6e5b8", "default", "", "least squares on the layer's own outputs only, before the rectified refits "
+                  "(a layer read by a Relu/Clip now fits what the rectifier passes on)"),
     "refit": ("442ba71", "refit", "", "criterion `refit`: greedy least-squares selection (ThiNet's, closed form on "
               "each reader's input covariance), allocation probes fill removed channels with their mean"),
     "compensated": ("442ba71", "default", "WHC_COMPENSATE=1 ", "criterion `energy`; allocation probes fill removed "

@@ -230,8 +230,8 @@ def _refined_calibration(name: str, images: np.ndarray, held: np.ndarray, count:
     """The refined `images` (and copies) to fit on; `held`, refined likewise, held out for the quality figure.
 
     On plain dead leaves the original's own classes are near ties, so almost any change flips
-    them: EfficientNet-Lite0's prune at 0.75 of the MACs read agreement 0.03 there and 0.47 on
-    refined images, where ImageNet gave 0.70 and 0.68 (the two fitting sets differ a little).
+    them: EfficientNet-Lite0's prune at 0.75 of the MACs read agreement 0.03 there and 0.56 on
+    refined images, where ImageNet gave 0.70 and 0.69 (the two versions fit a little differently).
     """
     fit = augmented(images, count - len(held), (1, 2) if channels_last else (2, 3), seed)
     extra = len(fit) - len(images)

@@ -4,7 +4,8 @@ Runs after surgery and before validation, on the exported pruned model, against 
 
 - `lsq`: each changed layer's weights and bias solved by ridge least squares so its outputs on
   calibration data match the original model's outputs of that layer, layer after layer on the
-  pruned model's own (already recovered) activations;
+  pruned model's own (already recovered) activations; a layer read by a Relu or Clip (directly,
+  or through a residual Add) is matched after the rectifier, where the next layer reads it;
 - `stats`: each changed layer's output channels shifted and scaled to the original's mean and
   std on calibration data;
 - `bias`: data-free; the expected value of every removed channel, estimated from the graph
@@ -47,6 +48,11 @@ class RecoverySettings:
     ridge: float = 1e-3  # ridge = this * trace(Gram) / dimension
     sequential: bool = True  # inputs from the recovered pruned model, not the original
     residual: bool = True  # a layer feeding a residual Add also corrects its shortcut's drift
+    # lsq: refits of each layer read by a Relu/Clip against the rectifier's output (0: plain least
+    # squares). Top-1 against 0: ResNet-56 at 0.61 of the MACs 81.80% (81.70%), ResNet-20 76.08%
+    # (75.64%), EfficientNet-Lite0 at 0.60 68.2% (65.4%), at 0.75 79.8% (80.0%); 1 or 8 rounds
+    # within 0.1 point of 3 on the ResNets.
+    rectified: int = 3
     seed: int = 0
 
 
@@ -82,7 +88,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[
     else:
         update = ridge_fit_with(settings.ridge) if method == "lsq" else renormalise
         fit_settings = FitSettings(samples=settings.samples, sequential=settings.sequential,
-                                   residual=settings.residual, seed=settings.seed)
+                                   residual=settings.residual, seed=settings.seed,
+                                   rectified=settings.rectified if method == "lsq" else 0)
         source, target = Replay(original, calibration.fit, chunk), Replay(pruned, calibration.fit, chunk)
         sizes = {name: int(np.prod(s[1:])) for name, s in (shapes or {}).items()
                  if s and all(isinstance(d, int) for d in s)}

@@ -23,7 +23,7 @@ from onnx_whc.calibration import Calibration
 from onnx_whc.quality import QualityProbe
 from onnx_whc.recover import RecoverySettings
 from onnx_whc.recover import recover as recover_stage
-from onnx_whc.recovery.layers import ConvGeometry, Sample, patches
+from onnx_whc.recovery.layers import ConvGeometry, Sample, find_layers, patches
 from onnx_whc.recovery.replay import Replay, run_model
 from onnx_whc.select import consumer_aware_importance, select
 from onnx_whc.surgery import apply_plan
@@ -493,3 +493,46 @@ def test_allocation_and_energy_skip_a_conv_that_reads_moved_channels():
     pruned, report = prune(model, target_macs=0.8, calib=calib, validate=True)
     assert report.allocation is not None and report.removed_channels > 0
     onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_rectified_fit_lowers_the_error_after_the_rectifier():
+    """Refits against the rectifier's output beat the plain fit on what the next layer reads."""
+    from onnx_whc.recovery.fit import _fit_block
+    from onnx_whc.recovery.layers import Affine
+    from onnx_whc.recovery.lsq import ridge_fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 2000, 6)).astype(np.float32)
+    hidden = rng.normal(size=(3, 2000, 2)).astype(np.float32)  # removed inputs: what the fit cannot see
+    y = (np.concatenate([x, hidden], 2) @ rng.normal(size=(3, 8, 4)) + 0.5).astype(np.float32)
+    current = Affine(0.1 * rng.normal(size=(3, 6, 4)), np.zeros((3, 4)))
+    update = lambda moments, now: ridge_fit(moments, now, 1e-3)
+
+    def after_clip(affine, low, high):
+        return float(np.square(np.clip(affine.apply(x), low, high) - np.clip(y, low, high)).sum())
+
+    plain, _ = _fit_block(x.copy(), y.copy(), current, update, None, 0)
+    for low, high, rounds in ((0.0, 6.0, 3), (0.0, np.inf, 1)):
+        fitted, (before, after, _) = _fit_block(x.copy(), y.copy(), current, update, (low, high), rounds)
+        assert after == pytest.approx(after_clip(fitted, low, high), rel=1e-4)
+        assert before == pytest.approx(after_clip(current, low, high), rel=1e-4)
+        assert after < 0.97 * after_clip(plain, low, high)
+    # per-position bounds (a residual Add's shortcut moves them) give the same fit as shifting the data
+    shift = rng.normal(size=y.shape).astype(np.float32)
+    moved, _ = _fit_block(x.copy(), y.copy(), current, update, (-shift, np.inf - shift), 3)
+    assert after_clip(moved, -shift, np.inf) < after_clip(plain, -shift, np.inf)
+
+
+def test_layers_read_by_a_rectifier_carry_its_bounds():
+    b = GraphBuilder(seed=2)
+    first = b.conv(b.input("x", [1, 4, 8, 8]), 4, name="c0")
+    clipped = b.op("Clip", [b.conv(first, 8, name="c1"), b.const(np.float32(0)), b.const(np.float32(6))])
+    h = b.relu(b.conv(clipped, 8, name="c2"))
+    s = b.relu(b.op("Add", [b.conv(h, 8, name="c3"), h]))  # residual: the rectifier reads the sum
+    gated = b.sigmoid(b.conv(s, 8, name="c4"))
+    model = b.build([b.conv(gated, 3, k=1, name="c5")])
+    lost = np.array([False, True, True, True])  # c0 lost a channel: every layer after it is fitted
+    layers = {layer.node: layer for layer in find_layers(model, lambda name: lost if name == first else None)}
+    assert layers["c1"].bounds == (0.0, 6.0) and layers["c2"].bounds == (0.0, np.inf)
+    assert layers["c3"].bounds == (0.0, np.inf) and layers["c3"].residual == [h]
+    assert layers["c4"].bounds is None and layers["c5"].bounds is None

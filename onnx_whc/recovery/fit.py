@@ -11,7 +11,7 @@ memory.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -32,6 +32,7 @@ class FitSettings:
     seed: int = 0
     block_elements: int = 24_000_000  # patch values gathered at once (float32)
     ahead_bytes: int = 256 << 20  # original-model outputs held while the pruned model catches up
+    rectified: int = 0  # refits of a layer read by a Relu/Clip against its output after the rectifier
 
 
 def _ahead(layers: list[Layer], start: int, sizes: dict[str, int], samples: int, budget: int) -> int:
@@ -93,16 +94,21 @@ def _fit_one(original: Replay, pruned: Replay, layer: Layer, update: Update, set
         x = patches(source, layer.input, sample, geometry, in_channels[g0 * per_group_in:g1 * per_group_in], size)
         x = x.reshape(len(sample.image), g1 - g0, dim).transpose(1, 0, 2)
         y = outputs(original, layer.output, sample, out_channels[g0 * width:g1 * width])
+        bounds = layer.bounds if settings.rectified else None
         if settings.residual and settings.sequential:
-            y += _residual_drift(original, pruned, layer, sample, out_channels[g0 * width:g1 * width],
-                                 np.arange(g0 * width, g1 * width))
-        y = y.reshape(len(sample.image), g1 - g0, width).transpose(1, 0, 2)
-        moments = Moments.of(np.ascontiguousarray(x), np.ascontiguousarray(y))
+            drift, shortcut = _residual_terms(original, pruned, layer, sample, out_channels[g0 * width:g1 * width],
+                                              np.arange(g0 * width, g1 * width))
+            y += drift
+            if bounds and layer.residual:  # the rectifier reads the sum: the bounds move by the shortcut
+                bounds = None if shortcut is None else tuple(
+                    bound - _by_group(shortcut, g1 - g0, width) for bound in bounds)
+        elif layer.residual:
+            bounds = None
+        y = _by_group(y, g1 - g0, width)
         current = Affine(affine.weights[g0:g1], None if affine.bias is None else affine.bias[g0:g1])
-        fitted = update(moments, current)
-        before += moments.squared_error(current)
-        after += moments.squared_error(fitted)
-        spread += moments.spread
+        fitted, errors = _fit_block(np.ascontiguousarray(x), np.ascontiguousarray(y), current, update, bounds,
+                                    settings.rectified)
+        before, after, spread = before + errors[0], after + errors[1], spread + errors[2]
         affine.weights[g0:g1] = fitted.weights
         if affine.bias is not None:
             affine.bias[g0:g1] = fitted.bias
@@ -112,18 +118,70 @@ def _fit_one(original: Replay, pruned: Replay, layer: Layer, update: Update, set
             "error_before": round(before / spread, 6), "error_after": round(after / spread, 6)}
 
 
-def _residual_drift(original: Replay, pruned: Replay, layer: Layer, sample, channels: np.ndarray,
-                    kept: np.ndarray) -> np.ndarray | float:
-    """How far the residual operands of the layer's Add drifted from the original's.
+def _fit_block(x: np.ndarray, y: np.ndarray, current: Affine, update: Update, bounds: tuple | None,
+               rounds: int) -> tuple[Affine, tuple[float, float, float]]:
+    """The fitted maps and (error before, error after, target spread), x and y (G, S, ·) centred in place.
 
-    Adding it to the target makes the layer fit the original *sum*, so each block also
+    `bounds` (low, high) are numbers or arrays shaped like y (a residual Add moves them per position).
+
+    With `bounds`, what the next layer sees is the rectifier's output, so a prediction beyond a
+    bound the original also passed costs nothing. Each round refits against the target moved to
+    the current prediction there (to the bound where the prediction is inside): a majorisation of
+    the error after the rectifier, which therefore never grows from round to round.
+    """
+    moments = Moments.of(x, y)
+    fitted = update(moments, current)
+    if bounds is None:
+        return fitted, (moments.squared_error(current), moments.squared_error(fitted), moments.spread)
+    low, high = bounds
+    y += moments.y_mean[:, None, :].astype(y.dtype)  # x stays centred: predictions add the offset
+    for _ in range(rounds):
+        predicted = _predict(x, moments, fitted)
+        target = np.where(y <= low, np.minimum(predicted, low), np.where(y >= high, np.maximum(predicted, high), y))
+        fitted = update(_retargeted(moments, x, target), current)
+    clipped = np.clip(y, low, high)
+    errors = [float(np.square(np.clip(_predict(x, moments, a), low, high) - clipped).sum()) for a in (current, fitted)]
+    spread = float(np.square(clipped - clipped.mean(axis=1, keepdims=True)).sum())
+    return fitted, (errors[0], errors[1], spread)
+
+
+def _predict(x_centred: np.ndarray, moments: Moments, affine: Affine) -> np.ndarray:
+    offset = np.einsum("gd,gdm->gm", moments.x_mean, affine.weights)
+    if affine.bias is not None:
+        offset = offset + affine.bias
+    return np.matmul(x_centred, affine.weights.astype(np.float32)) + offset[:, None, :].astype(np.float32)
+
+
+def _retargeted(moments: Moments, x_centred: np.ndarray, target: np.ndarray) -> Moments:
+    """The moments of the same inputs against another target (the Gram matrix is reused)."""
+    mean = target.mean(axis=1, dtype=np.float64)
+    centred = target - mean[:, None, :].astype(target.dtype)
+    return replace(moments, y_mean=mean, xy=np.matmul(x_centred.transpose(0, 2, 1), centred).astype(np.float64),
+                   yy=np.einsum("gsm,gsm->gm", centred, centred, dtype=np.float64))
+
+
+def _by_group(values: np.ndarray, groups: int, width: int) -> np.ndarray:
+    """(S, groups·width) -> (groups, S, width)."""
+    return values.reshape(len(values), groups, width).transpose(1, 0, 2)
+
+
+def _residual_terms(original: Replay, pruned: Replay, layer: Layer, sample, channels: np.ndarray,
+                    kept: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | None]:
+    """How far the residual operands of the layer's Add drifted from the original's, and their sum
+    in the pruned model (None unless every operand is known and full-sized).
+
+    Adding the drift to the target makes the layer fit the original *sum*, so each block also
     corrects the error its shortcut carries instead of passing it on.
     """
-    drift = 0.0
+    drift, shortcut = 0.0, 0.0
     for name in layer.residual:
         if name not in pruned.cache or name not in original.cache:
-            continue  # computed after the layer: nothing to correct yet
+            shortcut = None  # computed after the layer: nothing to correct yet
+            continue
         if original.cache[name][0].shape != original.cache[layer.output][0].shape:
-            continue  # a broadcast operand
-        drift = drift + outputs(original, name, sample, channels) - outputs(pruned, name, sample, kept)
-    return drift
+            shortcut = None  # a broadcast operand
+            continue
+        now = outputs(pruned, name, sample, kept)
+        drift = drift + outputs(original, name, sample, channels) - now
+        shortcut = None if shortcut is None else shortcut + now
+    return drift, shortcut

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .replay import Replay, Weights
 
@@ -31,6 +31,8 @@ class Layer:
     out_keep: np.ndarray | None  # original output channels that survive
     consumer: bool  # its input lost channels
     residual: list[str] = field(default_factory=list)  # other operands of the Add its output feeds
+    # the range of the Relu/Clip that is the only reader of its output (of the residual Add's sum)
+    bounds: tuple[float, float] | None = None
 
 
 @dataclass
@@ -59,6 +61,7 @@ def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]
     A tensor differs when it lost channels or anything upstream of it did.
     """
     weights = {t.name for t in model.graph.initializer}
+    constants = _constants(model.graph)
     changed = {name for node in model.graph.node for name in node.output if _lost(keep(name))}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -72,8 +75,10 @@ def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]
         changed.update(name for name in node.output if name)
         if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in weights:
             in_keep, out_keep = keep(node.input[0]), keep(node.output[0])
+            residual = _residual(node.output[0], readers, weights)
+            rectified = readers[node.output[0]][0].output[0] if residual else node.output[0]  # the Add's sum
             layers.append(Layer(node.name, node.op_type, node.input[0], node.output[0],
-                                in_keep, out_keep, _lost(in_keep), _residual(node.output[0], readers, weights)))
+                                in_keep, out_keep, _lost(in_keep), residual, _bounds(rectified, readers, constants)))
     return layers
 
 
@@ -84,6 +89,33 @@ def _residual(name: str, readers: dict, weights: set[str]) -> list[str]:
         return []
     others = [other for other in nodes[0].input if other != name]
     return [] if any(other in weights or not other for other in others) else others
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and attribute(node, "value") is not None:
+            values[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
+    return values
+
+
+def _bounds(name: str, readers: dict, constants: dict[str, np.ndarray]) -> tuple[float, float] | None:
+    """(low, high) of the rectifier that is the only reader of `name`: Relu, or Clip with constant bounds."""
+    nodes = readers.get(name, [])
+    if len(nodes) != 1 or nodes[0].op_type not in ("Relu", "Clip"):
+        return None
+    node = nodes[0]
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    if len(node.input) == 1:  # opset 6: bounds as attributes
+        return float(attribute(node, "min", -3.4e38)), float(attribute(node, "max", 3.4e38))
+    bounds = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        operand = node.input[index] if len(node.input) > index else ""
+        if operand and (operand not in constants or constants[operand].size != 1):
+            return None
+        bounds.append(float(constants[operand].item()) if operand else default)
+    return bounds[0], bounds[1]
 
 
 def _lost(mask: np.ndarray | None) -> bool:
