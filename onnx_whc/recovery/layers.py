@@ -61,7 +61,7 @@ def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]
     A tensor differs when it lost channels or anything upstream of it did.
     """
     weights = {t.name for t in model.graph.initializer}
-    constants = _constants(model.graph)
+    constants = _clip_bounds(model.graph)
     changed = {name for node in model.graph.node for name in node.output if _lost(keep(name))}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -91,10 +91,12 @@ def _residual(name: str, readers: dict, weights: set[str]) -> list[str]:
     return [] if any(other in weights or not other for other in others) else others
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+def _clip_bounds(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """The constant values read as Clip bounds (only those: weights are not copied)."""
+    wanted = {name for node in graph.node if node.op_type == "Clip" for name in node.input[1:] if name}
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in wanted}
     for node in graph.node:
-        if node.op_type == "Constant" and attribute(node, "value") is not None:
+        if node.op_type == "Constant" and node.output[0] in wanted and attribute(node, "value") is not None:
             values[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
     return values
 
