@@ -11,7 +11,7 @@ memory.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -94,16 +94,14 @@ def _fit_one(original: Replay, pruned: Replay, layer: Layer, update: Update, set
         x = patches(source, layer.input, sample, geometry, in_channels[g0 * per_group_in:g1 * per_group_in], size)
         x = x.reshape(len(sample.image), g1 - g0, dim).transpose(1, 0, 2)
         y = outputs(original, layer.output, sample, out_channels[g0 * width:g1 * width])
-        bounds = layer.bounds if settings.rectified else None
+        shortcut = None
         if settings.residual and settings.sequential:
             drift, shortcut = _residual_terms(original, pruned, layer, sample, out_channels[g0 * width:g1 * width],
                                               np.arange(g0 * width, g1 * width))
             y += drift
-            if bounds and layer.residual:  # the rectifier reads the sum: the bounds move by the shortcut
-                bounds = None if shortcut is None else tuple(
-                    bound - _by_group(shortcut, g1 - g0, width) for bound in bounds)
-        elif layer.residual:
-            bounds = None
+        bounds = layer.bounds if settings.rectified else None
+        if bounds and layer.residual:  # the rectifier reads the sum: the bounds move by the shortcut
+            bounds = None if shortcut is None else tuple(b - _by_group(shortcut, g1 - g0, width) for b in bounds)
         y = _by_group(y, g1 - g0, width)
         current = Affine(affine.weights[g0:g1], None if affine.bias is None else affine.bias[g0:g1])
         fitted, errors = _fit_block(np.ascontiguousarray(x), np.ascontiguousarray(y), current, update, bounds,
@@ -122,9 +120,8 @@ def _fit_block(x: np.ndarray, y: np.ndarray, current: Affine, update: Update, bo
                rounds: int) -> tuple[Affine, tuple[float, float, float]]:
     """The fitted maps and (error before, error after, target spread), x and y (G, S, ·) centred in place.
 
-    `bounds` (low, high) are numbers or arrays shaped like y (a residual Add moves them per position).
-
-    With `bounds`, what the next layer sees is the rectifier's output, so a prediction beyond a
+    With `bounds` (low, high: numbers, or arrays shaped like y where a residual Add moves them per
+    position), what the next layer sees is the rectifier's output, so a prediction beyond a
     bound the original also passed costs nothing. Each round refits against the target moved to
     the current prediction there (to the bound where the prediction is inside): a majorisation of
     the error after the rectifier, which therefore never grows from round to round.
@@ -138,7 +135,7 @@ def _fit_block(x: np.ndarray, y: np.ndarray, current: Affine, update: Update, bo
     for _ in range(rounds):
         predicted = _predict(x, moments, fitted)
         target = np.where(y <= low, np.minimum(predicted, low), np.where(y >= high, np.maximum(predicted, high), y))
-        fitted = update(_retargeted(moments, x, target), current)
+        fitted = update(moments.retargeted(x, target), current)
     clipped = np.clip(y, low, high)
     errors = [float(np.square(np.clip(_predict(x, moments, a), low, high) - clipped).sum()) for a in (current, fitted)]
     spread = float(np.square(clipped - clipped.mean(axis=1, keepdims=True)).sum())
@@ -150,14 +147,6 @@ def _predict(x_centred: np.ndarray, moments: Moments, affine: Affine) -> np.ndar
     if affine.bias is not None:
         offset = offset + affine.bias
     return np.matmul(x_centred, affine.weights.astype(np.float32)) + offset[:, None, :].astype(np.float32)
-
-
-def _retargeted(moments: Moments, x_centred: np.ndarray, target: np.ndarray) -> Moments:
-    """The moments of the same inputs against another target (the Gram matrix is reused)."""
-    mean = target.mean(axis=1, dtype=np.float64)
-    centred = target - mean[:, None, :].astype(target.dtype)
-    return replace(moments, y_mean=mean, xy=np.matmul(x_centred.transpose(0, 2, 1), centred).astype(np.float64),
-                   yy=np.einsum("gsm,gsm->gm", centred, centred, dtype=np.float64))
 
 
 def _by_group(values: np.ndarray, groups: int, width: int) -> np.ndarray:

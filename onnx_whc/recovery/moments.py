@@ -25,13 +25,22 @@ class Moments:
     @classmethod
     def of(cls, x: np.ndarray, y: np.ndarray) -> "Moments":
         """x (G, S, d) inputs, y (G, S, m) targets; both are centred in place."""
-        x_mean, y_mean = x.mean(axis=1, dtype=np.float64), y.mean(axis=1, dtype=np.float64)
+        x_mean = x.mean(axis=1, dtype=np.float64)
         x -= x_mean[:, None, :].astype(x.dtype)
-        y -= y_mean[:, None, :].astype(y.dtype)
         xx = np.stack([g.T @ g for g in x]) if len(x) < 8 else np.matmul(x.transpose(0, 2, 1), x)
+        return cls._with_target(x.shape[1], x_mean, xx.astype(np.float64), x, y)
+
+    def retargeted(self, x_centred: np.ndarray, y: np.ndarray) -> "Moments":
+        """The same inputs (as `of` left them, centred) against other targets y, centred in place:
+        the Gram matrix of the inputs is reused."""
+        return self._with_target(self.count, self.x_mean, self.xx, x_centred, y)
+
+    @classmethod
+    def _with_target(cls, count: int, x_mean: np.ndarray, xx: np.ndarray, x: np.ndarray, y: np.ndarray) -> "Moments":
+        y_mean = y.mean(axis=1, dtype=np.float64)
+        y -= y_mean[:, None, :].astype(y.dtype)
         xy = np.matmul(x.transpose(0, 2, 1), y)
-        return cls(x.shape[1], x_mean, y_mean, xx.astype(np.float64), xy.astype(np.float64),
-                   np.einsum("gsm,gsm->gm", y, y, dtype=np.float64))
+        return cls(count, x_mean, y_mean, xx, xy.astype(np.float64), np.einsum("gsm,gsm->gm", y, y, dtype=np.float64))
 
     def squared_error(self, affine: Affine) -> float:
         """Sum over rows and channels of (x W + b - y)^2, from the moments alone."""
