@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .constants import constant_arrays
 from .errors import first_line
 from .validate import session
 
@@ -47,6 +48,7 @@ class _Builder:
     graph: onnx.GraphProto
     shapes: dict[str, tuple[int, ...]]
     constants: set[str]
+    values: dict[str, np.ndarray]  # the constant operands the backward rules read (pads, weights, bounds)
     nodes: list
     count: int = 0
 
@@ -99,7 +101,8 @@ def gradient_model(model: onnx.ModelProto, shape: tuple[int, ...], spread: float
     if last is not None and last.op_type in ("Softmax", "LogSoftmax"):
         logits = last.input[0]  # the gradient of the cross-entropy is taken from the logits
     constants = _constant_tensors(graph)
-    builder = _Builder(graph, shapes, constants, [])
+    operands = (name for node in graph.node if node.op_type in ("Pad", "Conv", "Slice") for name in node.input[1:])
+    builder = _Builder(graph, shapes, constants, constant_arrays(graph, operands), [])
     probs = builder.add("Softmax", [logits], "softmax", axis=-1)
     grads: dict[str, list[str]] = {logits: [builder.add("Sub", [probs, "target"], "dlogits")]}
     needed = _on_path(graph, x, constants)
@@ -297,7 +300,7 @@ def _backward(b: _Builder, node, upstream: dict[str, str]) -> dict[str, str]:
     if op == "Pad":
         if attrs.get("mode", b"constant") not in (b"constant", "constant") or len(ins) < 2:
             raise NotInvertible(f"no gradient for Pad node '{node.name}' (mode or opset)")
-        pads = _constant_value(b.graph, ins[1])
+        pads = b.values.get(ins[1])
         if pads is None or (pads < 0).any() or (len(ins) > 3 and ins[3]):
             raise NotInvertible(f"no gradient for Pad node '{node.name}' (pads)")
         rank = len(pads) // 2
@@ -341,7 +344,7 @@ def _conv_input_grad(b: _Builder, node, attrs: dict, g: str) -> str:
     x, w = node.input[0], node.input[1]
     in_shape, out_shape = b.shapes[x], b.shapes[node.output[0]]
     spatial = len(in_shape) - 2
-    weight = _constant_value(b.graph, w)
+    weight = b.values.get(w)
     if weight is None:
         raise NotInvertible(f"no gradient for Conv node '{node.name}' (a computed weight)")
     kernel = list(weight.shape[2:])
@@ -387,7 +390,7 @@ def _slice_grad(b: _Builder, node, g: str) -> str:
     in_shape, out_shape = b.shapes[x], b.shapes[out]
 
     def operand(k: int):
-        return _constant_value(b.graph, node.input[k]) if len(node.input) > k and node.input[k] else None
+        return b.values.get(node.input[k]) if len(node.input) > k and node.input[k] else None
 
     starts, ends, axes, steps = (operand(k) for k in range(1, 5))
     if starts is None or ends is None or (steps is not None and (steps <= 0).any()) or 0 in out_shape:
@@ -415,16 +418,6 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
                                          and node.op_type != "Shape"):
             names.update(node.output)
     return names
-
-
-def _constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return numpy_helper.to_array(node.attribute[0].t)
-    return None
 
 
 def _on_path(graph: onnx.GraphProto, x: str, constants: set[str]) -> set[str]:

@@ -16,6 +16,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
+from ..constants import constant_arrays
 from .replay import Replay, Weights
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -61,7 +62,8 @@ def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]
     A tensor differs when it lost channels or anything upstream of it did.
     """
     weights = {t.name for t in model.graph.initializer}
-    constants = _clip_bounds(model.graph)
+    constants = constant_arrays(model.graph, (name for node in model.graph.node if node.op_type == "Clip"
+                                              for name in node.input[1:]))
     changed = {name for node in model.graph.node for name in node.output if _lost(keep(name))}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -89,16 +91,6 @@ def _residual(name: str, readers: dict, weights: set[str]) -> list[str]:
         return []
     others = [other for other in nodes[0].input if other != name]
     return [] if any(other in weights or not other for other in others) else others
-
-
-def _clip_bounds(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """The constant values read as Clip bounds (only those: weights are not copied)."""
-    wanted = {name for node in graph.node if node.op_type == "Clip" for name in node.input[1:] if name}
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in wanted}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] in wanted and attribute(node, "value") is not None:
-            values[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
-    return values
 
 
 def _bounds(name: str, readers: dict, constants: dict[str, np.ndarray]) -> tuple[float, float] | None:
