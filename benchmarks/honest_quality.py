@@ -64,6 +64,8 @@ def _calib_folder(dataset: str, tmp: Path) -> Path:
 
 
 def run_case(name: str) -> dict:
+    from .variants import apply
+    apply()
     file, dataset, kwargs, split = CASES[name]
     kwargs = dict(kwargs)
     preset = kwargs.pop("preset", False)

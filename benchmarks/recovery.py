@@ -92,6 +92,8 @@ def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | N
     """One prune and its evaluation (runs inside the subprocess)."""
     import onnx_whc
 
+    from .variants import apply
+    apply()
     criterion, allocate, recover, *rest = CELLS[name]
     exclude = rest[0] if rest else ()
     samples = rest[1] if len(rest) > 1 else None  # sampled rows per fitted layer; None: the default
