@@ -28,6 +28,7 @@ from onnx_whc.calibration import Preprocess, preset_preprocess
 
 from .common import RESULTS, SHARED, environment, environment_line, markdown_table, write_results
 from .datasets import accuracy, load_split, predict
+from .variants import active, apply
 
 YOLO = SHARED / "models" / "yolov8n_nudenet.onnx"
 LITE0 = dict(mean=(0.5,) * 3, std=(0.5,) * 3, resize=256, crop=224)
@@ -64,7 +65,6 @@ def _calib_folder(dataset: str, tmp: Path) -> Path:
 
 
 def run_case(name: str) -> dict:
-    from .variants import apply
     apply()
     file, dataset, kwargs, split = CASES[name]
     kwargs = dict(kwargs)
@@ -164,8 +164,10 @@ def main() -> None:
         print(f"== {name}", flush=True)
         cells[name] = run_case(name)
         print(json.dumps({k: v for k, v in cells[name].items() if k != "search"}, indent=1), flush=True)
+        if not active():  # a variant's cell is printed only, never stored as the tool's
+            write(cells, env)
+    if not active():
         write(cells, env)
-    write(cells, env)
 
 
 if __name__ == "__main__":

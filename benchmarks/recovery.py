@@ -26,6 +26,7 @@ from onnx_whc.recover import RecoverySettings
 
 from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, forget_loaded, load_split
+from .variants import active, apply
 
 BUDGETS = {"resnet56": [0.61, 0.80], "resnet20": [0.61, 0.80], "efficientnet_lite0": [0.75, 0.60]}
 DATASET = {"resnet56": "cifar10", "resnet20": "cifar10", "efficientnet_lite0": "imagenet"}
@@ -70,6 +71,7 @@ ON_REQUEST = INNER + ROWS  # not in the default grid
 # Variants tried for mobile nets and not kept: measured on the commit that had their code, with
 # `git checkout <commit>` and `[WHC_COMPENSATE=1] python -m benchmarks.recovery --one '[model, budget, cell, 8, null]'`;
 # their records carry "code" (the commit) and "variant" (the name here).
+VARIANTS = "3597b4f"
 OTHER_CODE = {
     "plain-lsq": ("2e6e5b8", "default", "", "least squares on the layer's own outputs only, before the rectified refits "
                   "(a layer read by a Relu/Clip now fits what the rectifier passes on)"),
@@ -81,6 +83,29 @@ OTHER_CODE = {
     "progressive": ("0453af9", "default", "WHC_ROUNDS=3 ", "allocation in three rounds: after each third of the "
                     "budget, every group's damage re-measured with the plan so far applied (interactions between "
                     "groups, e.g. many blocks of one stage pruned together)"),
+    # benchmarks/variants.py (in this repository since 3597b4f): env variables patch one stage
+    "probes-0.5": (VARIANTS, "default", "WHC_PROBES=0.15,0.3,0.5 ", "the allocator probes at 0.15/0.3/0.5, so no group "
+                   "loses more than half its channels"),
+    "probes-fine": (VARIANTS, "default", "WHC_PROBES=0.1,0.2,0.3,0.4,0.5 ", "five probes up to 0.5"),
+    "kl-damage": (VARIANTS, "default", "WHC_DAMAGE=kl ", "the allocator's damage is the mean KL divergence of the "
+                  "softmax instead of 1 - the cosine of the logits"),
+    "kl-probes-0.5": (VARIANTS, "default", "WHC_DAMAGE=kl WHC_PROBES=0.15,0.3,0.5 ", "both of the above"),
+    "ridge-0.1": (VARIANTS, "default", "WHC_RIDGE=0.1 ", "least-squares ridge 0.1 (default 1e-3), with the "
+                  "rectified refits"),
+    "ridge-0.01": (VARIANTS, "default", "WHC_RIDGE=0.01 ", "least-squares ridge 0.01"),
+    "mirror": (VARIANTS, "default", "WHC_MIRROR=1 ", "recovery fits on the 400 calibration images and their mirror "
+               "images (is it short of data?)"),
+    # diagnostics at budget 0.99: parts of the default allocation at 0.75 alone, and groups it leaves whole
+    "only-early": (VARIANTS, "default", "WHC_FORCE=0:0.25,4:0.25,7:0.25 ", "diagnostic: only the default plan's "
+                   "stem and early expansions (groups 0, 4, 7)"),
+    "only-middle": (VARIANTS, "default", "WHC_FORCE=10:0.75,11:0.75,14:0.5,15:0.75 ", "diagnostic: only its "
+                    "expansions of blocks 6, 7, 9, 10 (groups 10, 11, 14, 15)"),
+    "only-late": (VARIANTS, "default", "WHC_FORCE=18:0.25,19:0.25,20:0.25 ", "diagnostic: only its expansions of "
+                  "blocks 12-14 (groups 18-20)"),
+    "early-0.5": (VARIANTS, "default", "WHC_FORCE=0:0.5,2:0.5 ", "diagnostic: stem and block-1 expansion at 0.5"),
+    "trunk-80": (VARIANTS, "default", "WHC_FORCE=9:0.25 ", "diagnostic: a quarter of the 80-channel residual trunk"),
+    "trunk-112": (VARIANTS, "default", "WHC_FORCE=13:0.25 ", "diagnostic: a quarter of the 112-channel trunk"),
+    "trunk-192": (VARIANTS, "default", "WHC_FORCE=17:0.25 ", "diagnostic: a quarter of the 192-channel trunk"),
 }
 # The big model gets the cells that answer the questions; its peers' uniform rows add little.
 MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm",
@@ -92,7 +117,6 @@ def run_cell(model: str, budget: float, name: str, round_to: int, limit: int | N
     """One prune and its evaluation (runs inside the subprocess)."""
     import onnx_whc
 
-    from .variants import apply
     apply()
     criterion, allocate, recover, *rest = CELLS[name]
     exclude = rest[0] if rest else ()
@@ -195,10 +219,12 @@ def _other_code(results: list[dict]) -> list[str]:
     if not others:
         return []
     lines = ["## Variants tried and not kept", "",
-             "Each measured on the commit that holds its code (branches `experiment/refit-selection`, "
-             "`experiment/progressive`); the default "
-             "row is this version's. Command: `git checkout COMMIT && ENV python -m benchmarks.recovery --one "
-             "'[\"MODEL\", BUDGET, \"CELL\", 8, null]'`.", ""]
+             "Each measured on the commit that holds its code; the default row is this version's. Command: "
+             "`git checkout COMMIT && ENV python -m benchmarks.recovery --one '[\"MODEL\", BUDGET, \"CELL\", 8, "
+             "null]'`. The variants set by environment variables are in `benchmarks/variants.py` (no checkout "
+             "needed since " + VARIANTS + "); the commits of the earlier ones (branches `experiment/refit-selection`, "
+             "`experiment/progressive`) are not kept in this repository. Diagnostics run at budget 0.99: exactly "
+             "the ratios named, nothing else pruned.", ""]
     rows = []
     for r in sorted(others, key=lambda r: (r["model"], list(OTHER_CODE).index(r["variant"]))):
         commit, cell, env, what = OTHER_CODE[r["variant"]]
@@ -224,6 +250,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_cell(*json.loads(args.one))))
         return
+    if active():
+        raise SystemExit(f"{', '.join(active())} set: variants are measured one cell at a time with --one")
     models, names = args.models.split(","), args.cells.split(",")
     env = environment()
     results = [] if args.fresh or not JSON.exists() else json.loads(JSON.read_text())["cells"]

@@ -20,6 +20,14 @@ import os
 import numpy as np
 
 
+NAMES = ("WHC_PROBES", "WHC_DAMAGE", "WHC_RIDGE", "WHC_MIRROR", "WHC_FORCE", "WHC_SIGMOID_LOW")
+
+
+def active() -> list[str]:
+    """The variables set: a benchmark run under any of them prints its cells and stores none."""
+    return [name for name in NAMES if os.environ.get(name)]
+
+
 def apply() -> None:
     import onnx_whc.allocate as allocate
     import onnx_whc.calibration as calibration
