@@ -84,7 +84,8 @@ _CALIBRATION_OPTIONS = [
                  "least damage, instead of one uniform ratio.  [default: on with calibration data, unless "
                  "--recover none without --calib]"),
     click.option("--recover-samples", type=int, default=RecoverySettings.samples, show_default=True,
-                 help="Sampled output positions per layer for lsq/stats (memory and time grow with it)."),
+                 help="Sampled output positions per layer for lsq/stats, at least: a layer gets 100 per input "
+                      "of its map, up to 4x this (memory and time grow with it)."),
 ]
 
 

@@ -44,7 +44,7 @@ METHODS = ("auto", "none", "bias", "stats", "lsq")
 @dataclass
 class RecoverySettings:
     method: str = "auto"
-    samples: int = 20000  # sampled output positions per layer (lsq, stats)
+    samples: int = 20000  # sampled output positions per layer (lsq, stats): at least, 100 per input up to 4x
     ridge: float = 1e-3  # ridge = this * trace(Gram) / dimension
     sequential: bool = True  # inputs from the recovered pruned model, not the original
     residual: bool = True  # a layer feeding a residual Add also corrects its shortcut's drift

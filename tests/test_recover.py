@@ -121,6 +121,19 @@ def test_lsq_non_sequential_is_exact_on_the_linear_model_too():
     assert _max_error(original, recovered, held) < 1e-4
 
 
+def test_each_layer_samples_rows_in_proportion_to_its_inputs():
+    """100 sampled positions per input of a layer's map, within [samples, 4 x samples] and what the data holds."""
+    model = _linear_convs()
+    original, pruned, keep, shapes = _pruned_pair(model, {0: 0.25})
+    calib = np.random.default_rng(0).standard_normal((80, 4, 8, 8)).astype(np.float32)
+    _, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq", samples=200))
+    rows = {r["layer"]: r["rows"] for r in report["per_layer"]}
+    fitted = 64  # the 80 images less the held-out fifth
+    assert rows["c2"] == 4 * 200  # 9 x 6 kept inputs: 5,400 wanted, 4 x samples at most (of 64 x 16 positions)
+    assert rows["c3"] == 100 * 6  # a 1x1 conv on 6 channels: 600 of its 64 x 16 positions, over `samples`
+    assert rows["fc"] == fitted  # one row per image
+
+
 def test_large_activations_are_held_in_float16_and_recovery_stays_close(monkeypatch):
     """Held in float16 (every activation here, with the size limit at zero), LSQ is exact to fp16 rounding."""
     import onnx_whc.recovery.replay as replay_module

@@ -26,13 +26,26 @@ Update = Callable[[Moments, Affine], Affine]
 
 @dataclass
 class FitSettings:
-    samples: int = 20000  # sampled output positions per layer
+    samples: int = 20000  # sampled output positions per layer, at least (see `rows_for`)
     sequential: bool = True
     residual: bool = True  # targets include the residual branch's drift (fit the Add's output)
     seed: int = 0
     block_elements: int = 24_000_000  # patch values gathered at once (float32)
     ahead_bytes: int = 256 << 20  # original-model outputs held while the pruned model catches up
     rectified: int = 0  # refits of a layer read by a Relu/Clip against its output after the rectifier
+
+
+ROWS_PER_INPUT = 100
+
+
+def rows_for(inputs: int, samples: int) -> int:
+    """Sampled positions for a map with `inputs` inputs per output: 100 per input, within [samples, 4 x samples].
+
+    Rows in proportion to the unknowns: with the rectified refits, 80,000 rows instead of 20,000 lifted
+    every CIFAR ResNet cell by 0.1-0.3 point; the rule does as well where it matters (the wide layers)
+    at less cost (benchmarks/results/recovery.md).
+    """
+    return max(samples, min(ROWS_PER_INPUT * inputs, 4 * samples))
 
 
 def _ahead(layers: list[Layer], start: int, sizes: dict[str, int], samples: int, budget: int) -> int:
@@ -77,9 +90,9 @@ def _fit_one(original: Replay, pruned: Replay, layer: Layer, update: Update, set
     geometry = geometry_of(pruned, layer)
     rng = np.random.default_rng([settings.seed, number])
     size = out_spatial(pruned, layer, geometry)
-    sample = sample_positions(pruned.samples, size, settings.samples, rng)
     affine = read_affine(pruned, layer)
     groups, dim, width = affine.weights.shape
+    sample = sample_positions(pruned.samples, size, rows_for(dim, settings.samples), rng)
     kernel = int(np.prod(geometry.kernel)) if geometry else 1
     per_group_in = dim // kernel
     source = pruned if settings.sequential else original
