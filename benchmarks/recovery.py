@@ -95,6 +95,8 @@ OTHER_CODE = {
     "ridge-0.01": (VARIANTS, "default", "WHC_RIDGE=0.01 ", "least-squares ridge 0.01"),
     "mirror": (VARIANTS, "default", "WHC_MIRROR=1 ", "recovery fits on the 400 calibration images and their mirror "
                "images (is it short of data?)"),
+    "flat-80k": ("3597b4f", "rows-80k", "", "80,000 sampled rows for every fitted layer, before a layer's rows grew "
+                 "with its inputs (100 per input, 20,000 to 80,000)"),
     # diagnostics at budget 0.99: parts of the default allocation at 0.75 alone, and groups it leaves whole
     "only-early": (VARIANTS, "default", "WHC_FORCE=0:0.25,4:0.25,7:0.25 ", "diagnostic: only the default plan's "
                    "stem and early expansions (groups 0, 4, 7)"),

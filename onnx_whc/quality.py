@@ -31,7 +31,7 @@ _PASS_THROUGH = ("Identity", "Cast")  # ops between a Softmax and the graph outp
 # held-out refined images read 0.56 where ImageNet images gave 0.69 (on plain dead leaves held out
 # instead: 0.03 against 0.70; benchmarks/results/honest_quality.md). Said beside every such figure.
 SYNTHETIC_CAVEAT = ("note: quality was measured on synthetic images, not on your data; it can be far from what "
-                    "real inputs give (EfficientNet-Lite0: agreement 0.56 on synthetic images, 0.69 on ImageNet). "
+                    "real inputs give (EfficientNet-Lite0: agreement 0.59 on synthetic images, 0.70 on ImageNet). "
                     "Give --calib DIR to fit and measure on real inputs, or --eval DIR for top-1.")
 
 
