@@ -48,7 +48,7 @@ class _Builder:
     graph: onnx.GraphProto
     shapes: dict[str, tuple[int, ...]]
     constants: set[str]
-    values: dict[str, np.ndarray]  # the constant operands the backward rules read (pads, weights, bounds)
+    values: dict[str, np.ndarray]  # constant operands the backward rules read (pads, conv weights, slice bounds)
     nodes: list
     count: int = 0
 
