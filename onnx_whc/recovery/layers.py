@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..constants import constant_arrays
 from .replay import Replay, Weights
