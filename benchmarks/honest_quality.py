@@ -160,13 +160,14 @@ def main() -> None:
     stored = json.loads(path.read_text()) if path.exists() else {"cells": []}
     cells = {c["case"]: c for c in stored["cells"]}
     env = stored.get("environment") or environment()
+    store = not active()  # a variant's cells are printed only, never stored as the tool's
     for name in [n for n in args.cases.split(",") if n]:  # --cases "" rewrites the tables only
         print(f"== {name}", flush=True)
         cells[name] = run_case(name)
         print(json.dumps({k: v for k, v in cells[name].items() if k != "search"}, indent=1), flush=True)
-        if not active():  # a variant's cell is printed only, never stored as the tool's
+        if store:
             write(cells, env)
-    if not active():
+    if store:
         write(cells, env)
 
 

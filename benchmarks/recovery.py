@@ -252,8 +252,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_cell(*json.loads(args.one))))
         return
-    if active():
-        raise SystemExit(f"{', '.join(active())} set: variants are measured one cell at a time with --one")
+    variables = active()
+    if variables:
+        raise SystemExit(f"{', '.join(variables)} set: variants are measured one cell at a time with --one")
     models, names = args.models.split(","), args.cells.split(",")
     env = environment()
     results = [] if args.fresh or not JSON.exists() else json.loads(JSON.read_text())["cells"]
