@@ -134,41 +134,23 @@ def prune(
         labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
     with clock("selected"):
         choice = _choose(run, ratio, target_macs, floor, speed, provider, progress)
-        plan, allocation, ratio, target_macs, search = (choice.plan, choice.allocation, choice.ratio,
-                                                        choice.target_macs, choice.search)
-    groups = group_reports(run.analysis, run.loaded.shapes, run.before.macs, run.loaded.graph, plan)
+    # read before the last plan prunes the loaded graph in place
+    groups = group_reports(run.analysis, run.loaded.shapes, run.before.macs, run.loaded.graph, choice.plan)
     with clock("pruned"):
-        if search is not None:  # the accuracy search recovered its plans already
-            pruned, recovery_report, after = search.model, search.recovery, search.cost
-        else:
-            pruned, recovery_report, after = run.recovered(plan, in_place=True)
-    before = run.before
-    if target_macs is not None and after.macs > target_macs * before.macs:
-        chosen = "the allocated ratios keep" if ratio is None else f"ratio {ratio:g} keeps"
-        raise ValidationError(f"{chosen} {after.macs / before.macs:.2%} of the MACs, "
-                              f"over --target-macs {target_macs:g} (the estimate from the plan was wrong)")
-    report = PruneReport(ratio, run.criterion, round_to, cost_dict(before), cost_dict(after), groups)
-    report.target_macs, report.recovery, report.calibration = target_macs, recovery_report, run.data_described
-    report.allocation = allocation.to_dict() if allocation else None
-    report.search = search.to_dict() if search else None
+        pruned, recovery_report, after = _pruned(run, choice)
+    report = _report(run, choice, groups, round_to, after, recovery_report)
     if choice.speed is not None:
         with clock("timed"):  # the recovered model, timed as its plan was: recovery changes no shape
             original_ms, pruned_ms = choice.speed.timer.measure(pruned)
         report.speed = {**choice.speed.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
                         "final_ms": round(pruned_ms, 3)}
-    report.probe_sizes = run.loaded.probe_sizes
-    report.widths = run.widths.to_dict() if run.widths else None
-    if validate and plan.removed_channels:  # an unchanged model needs no checking
+    if validate and choice.plan.removed_channels:  # an unchanged model needs no checking
         with clock("validated"):
             report.validation = validation_dict(validate_models(run.original, pruned, run.loaded.input_shapes,
                                                                 provider=provider))
-    if run.probe is not None and plan.removed_channels:
+    if run.probe is not None and choice.plan.removed_channels:
         with clock("measured"):
-            quality = run.probe.measure(pruned)
-            own_data = run.calibration is not None and not run.calibration.synthetic
-            report.quality, report.quality_on, report.warning = quality.to_dict(), quality.on, quality.warning(own_data)
-            if run.calibration is not None and run.calibration.synthetic:
-                report.caveat = SYNTHETIC_CAVEAT
+            _add_quality(report, run, pruned)
     if labelled is not None:
         with clock("evaluated"):
             report.top1 = {"before": labelled.top1(run.original), "after": labelled.top1(pruned), "on": labelled.on}
@@ -185,6 +167,40 @@ class _Choice:
     target_macs: float | None
     search: SearchResult | None = None  # --min-agreement / --min-r2
     speed: SpeedSearch | None = None  # --target-speedup / --target-latency
+
+
+def _pruned(run: Pipeline, choice: _Choice):
+    """The recovered model of the chosen plan, its recovery report and its cost."""
+    if choice.search is not None:  # the accuracy search recovered its plans already
+        pruned, recovery, after = choice.search.model, choice.search.recovery, choice.search.cost
+    else:
+        pruned, recovery, after = run.recovered(choice.plan, in_place=True)
+    if choice.target_macs is not None and after.macs > choice.target_macs * run.before.macs:
+        chosen = "the allocated ratios keep" if choice.ratio is None else f"ratio {choice.ratio:g} keeps"
+        raise ValidationError(f"{chosen} {after.macs / run.before.macs:.2%} of the MACs, "
+                              f"over --target-macs {choice.target_macs:g} (the estimate from the plan was wrong)")
+    return pruned, recovery, after
+
+
+def _report(run: Pipeline, choice: _Choice, groups, round_to, after, recovery: dict | None) -> PruneReport:
+    """What was pruned and how (the measurements after it are added by `prune`)."""
+    report = PruneReport(choice.ratio, run.criterion, round_to, cost_dict(run.before), cost_dict(after), groups)
+    report.target_macs, report.recovery, report.calibration = choice.target_macs, recovery, run.data_described
+    report.allocation = choice.allocation.to_dict() if choice.allocation else None
+    report.search = choice.search.to_dict() if choice.search else None
+    report.probe_sizes = run.loaded.probe_sizes
+    report.widths = run.widths.to_dict() if run.widths else None
+    return report
+
+
+def _add_quality(report: PruneReport, run: Pipeline, pruned: onnx.ModelProto) -> None:
+    """The recovered model's quality on the held-out samples, with its warning and caveat."""
+    quality = run.probe.measure(pruned)
+    synthetic = run.calibration is not None and run.calibration.synthetic
+    own_data = run.calibration is not None and not synthetic
+    report.quality, report.quality_on, report.warning = quality.to_dict(), quality.on, quality.warning(own_data)
+    if synthetic:
+        report.caveat = SYNTHETIC_CAVEAT
 
 
 def _choose(run: Pipeline, ratio, target_macs, floor, speed, provider, progress: bool) -> _Choice:
