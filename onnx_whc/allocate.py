@@ -3,13 +3,13 @@
 Every prunable group is pruned alone at a few ratios and the damage is measured on calibration
 samples with `quality.damage`: 1 - the mean per-channel R² of dense outputs (a detector's class
 scores count as much as its boxes), 1 - the cosine of a classifier's logits. Probes need no surgery: a masked
-copy of the model multiplies every consumer's input by per-channel masks fed at run time, so one
-ONNX Runtime session serves them all (a pruned model equals the original with the removed
-channels' readers zeroed; here they read the channel's calibration mean instead, what recovery
-restores first). A greedy search then raises, one step at a time, the ratio of the group
-that adds the least damage per MAC saved (per measured millisecond saved, given the groups'
-timed widths), until the model keeps at most the budget: sensitive groups (a ResNet's shared
-trunk) stay whole or lose little, robust ones lose more.
+copy of the model multiplies every consumer's input by per-channel masks fed at run time (a pruned
+model equals the original with the removed channels' readers zeroed; here they read the channel's
+calibration mean instead, what recovery restores first). A group's probes run only the part of the
+model downstream of its masks, fed from one cached run of the whole (`segments`). A greedy search
+then raises, one step at a time, the ratio of the group that adds the least damage per MAC saved
+(per measured millisecond saved, given the groups' timed widths), until the model keeps at most
+the budget: sensitive groups (a ResNet's shared trunk) stay whole or lose little, robust ones lose more.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .load import LoadedModel
 from .ops import consumer_weight_axis
 from .quality import damage, output_kinds
 from .recovery.replay import samples_per_run, session
+from .segments import Segment, cut_out, downstream, with_outputs
 from .select import PrunePlan, excluded_by, select
 from .widths import WidthSteps
 
@@ -58,11 +59,13 @@ class MaskedModel:
     A removed channel is replaced by its calibration mean rather than zero: the cheapest
     recovery (every method here restores at least the mean), so a channel that is nearly
     constant, e.g. a filter of zero weights whose folded BatchNorm bias is large, costs
-    nothing, as it will after recovery.
+    nothing, as it will after recovery. `probes` are the removals `damage` will be asked about (at
+    most): each gets the segment of the model its masks feed, and the tensors those segments read
+    from upstream are cached from one run of the whole.
     """
 
     def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray],
-                 means: dict[str, np.ndarray]):
+                 means: dict[str, np.ndarray], probes: list[np.ndarray] = ()):
         graph = loaded.graph.copy()
         self.analysis = analysis
         floats = [t.dtype for t in graph.inputs if t.dtype is not None and np.issubdtype(t.dtype, np.floating)]
@@ -88,30 +91,69 @@ class MaskedModel:
                 self.masked[x.name] = shape
             node.inputs[0] = masks[x.name]
         graph.toposort()
-        model = export(graph, loaded)
-        self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
+        self.graph, self.loaded = graph, loaded
         self.feeds = feeds  # already in the inputs' types (Calibration)
         self.means = {name: means[name].astype(self.dtype).reshape(shape) for name, shape in self.masked.items()}
-        self.reference = self._run(np.zeros(0, np.int64), self.outputs)
+        self.segments = [s for s in (self._segment(roots) for roots in probes) if s is not None]
+        cut = sorted({name for s in self.segments for name in s.cut})
+        model = export(with_outputs(graph, cut), loaded)
+        self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
+        runs = list(self._chunks(self.session, self._masks(np.zeros(0, np.int64)), self.outputs + cut))
+        self.reference = [np.concatenate([run[j] for run in runs]) for j in range(len(self.outputs))]
+        self.cut = {name: [run[len(self.outputs) + j] for run in runs] for j, name in enumerate(cut)}
+        self.dtypes = {name: parts[0].dtype for name, parts in self.cut.items()}
         self.kinds = list(output_kinds(model, dict(zip(self.outputs, self.reference))).values())
+        self._open: tuple[Segment, object] | None = None  # the last segment's session: probes come group by group
 
-    def _chunks(self, removed_roots: np.ndarray, names: list[str] | None):
+    def _segment(self, removed_roots: np.ndarray) -> Segment | None:
+        starts = self._starts(removed_roots)
+        return downstream(self.graph, starts) if starts else None
+
+    def _starts(self, removed_roots: np.ndarray) -> set[str]:
+        """The mask inputs in front of the tensors that lose a channel."""
+        return {prefix + name for name in self.masked if not self.analysis.keep_mask(name, removed_roots).all()
+                for prefix in (_MASK, _OFFSET)}
+
+    def _masks(self, removed_roots: np.ndarray) -> dict[str, np.ndarray]:
         inputs = {}
         for name, shape in self.masked.items():
             keep = self.analysis.keep_mask(name, removed_roots).astype(self.dtype).reshape(shape)
             inputs[_MASK + name], inputs[_OFFSET + name] = keep, (1.0 - keep) * self.means[name]
-        count = len(next(iter(self.feeds.values())))
-        for lo in range(0, count, self.chunk):
-            feeds = {k: v[lo:lo + self.chunk] for k, v in self.feeds.items()}
-            yield self.session.run(names, {**feeds, **inputs})
+        return inputs
 
-    def _run(self, removed_roots: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        parts = list(self._chunks(removed_roots, names))
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    def _chunks(self, sess, masks: dict[str, np.ndarray], names: list[str], reads=None, cut=()):
+        """`sess` run over the samples a chunk at a time, on the model inputs it `reads` (all by default),
+        the masks and the cut tensors of that chunk."""
+        count = len(next(iter(self.feeds.values())))
+        for index, lo in enumerate(range(0, count, self.chunk)):
+            feeds = {k: v[lo:lo + self.chunk] for k, v in self.feeds.items() if reads is None or k in reads}
+            feeds.update({name: self.cut[name][index] for name in cut})
+            yield sess.run(names, {**feeds, **masks})
 
     def damage(self, removed_roots: np.ndarray) -> float:
-        outputs = self._run(removed_roots, self.outputs)
-        return damage(self.reference, outputs, self.kinds)
+        """The damage with these channels replaced by their means; only what they feed is recomputed."""
+        touched = self._starts(removed_roots)
+        if not touched:
+            return 0.0
+        masks = self._masks(removed_roots)
+        fits = [s for s in self.segments if touched <= s.starts]
+        if not fits:  # a removal no prepared segment covers: the whole model
+            return damage(self.reference, self._concatenated(self._chunks(self.session, masks, self.outputs)),
+                          self.kinds)
+        segment = min(fits, key=lambda s: s.nodes)
+        if self._open is None or self._open[0] is not segment:
+            self._open = None  # one segment's session at a time
+            self._open = segment, session(export(cut_out(self.graph, segment, self.dtypes), self.loaded))
+        runs = self._chunks(self._open[1], {name: masks[name] for name in segment.inputs if name in masks},
+                            list(segment.outputs), segment.inputs, segment.cut)
+        recomputed = dict(zip(segment.outputs, self._concatenated(runs)))
+        return damage(self.reference, [recomputed.get(name, ref) for name, ref in zip(self.outputs, self.reference)],
+                      self.kinds)
+
+    @staticmethod
+    def _concatenated(runs) -> list[np.ndarray]:
+        runs = list(runs)
+        return [np.concatenate([run[j] for run in runs]) for j in range(len(runs[0]))]
 
 
 def _removals(analysis: ChannelAnalysis, groups: list[ChannelGroup], ratios, select_args: dict) -> dict:
@@ -177,7 +219,8 @@ class Allocator:
         if samples is None:  # as many as the probe budget pays for: more images, steadier damage figures
             per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
             samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
-        masked = MaskedModel(loaded, analysis, {k: v[:samples] for k, v in feeds.items()}, stats.mean)
+        masked = MaskedModel(loaded, analysis, {k: v[:samples] for k, v in feeds.items()}, stats.mean,
+                             probes=[g.classes for g in groups])
         grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
         removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), self.select_args)
         self.damage = {group.id: [masked.damage(removals[group.id, r]) for r in PROBE_RATIOS]

@@ -21,8 +21,8 @@ def test_other_criteria_are_exact_too(criterion):
 
 @pytest.mark.parametrize("name", SHARED_MODELS)
 def test_the_allocators_masked_model_builds_and_runs(name):
-    """The masks, channel statistics and a probe on every shared model (2 random samples): cheap, and
-    what a full allocation would run first."""
+    """The masks, channel statistics and a probe on every shared model (2 random samples), on the
+    whole masked model and on the segment the allocator runs: cheap, and what an allocation runs first."""
     import numpy as np
 
     from onnx_whc.allocate import MaskedModel
@@ -37,5 +37,11 @@ def test_the_allocators_masked_model_builds_and_runs(name):
     stats = channel_stats(loaded, analysis, feeds)
     masked = MaskedModel(loaded, analysis, feeds, stats.mean)
     assert masked.damage(np.zeros(0, np.int64)) == pytest.approx(0.0, abs=1e-6)
-    group = next(g for g in analysis.groups if g.prunable)
-    assert masked.damage(group.classes[: max(1, group.channels // 2)]) > 0
+    groups = [g for g in analysis.groups if g.prunable]
+    middle = groups[len(groups) // 2]
+    half = middle.classes[: max(1, middle.channels // 2)]
+    assert masked.damage(half) > 0
+    # the allocator's probes run the segment downstream of the masks: the same damage
+    probed = MaskedModel(loaded, analysis, feeds, stats.mean, probes=[middle.classes])
+    assert probed.damage(half) == pytest.approx(masked.damage(half), rel=1e-4)
+    assert probed._open[0].nodes < len(probed.graph.nodes)
