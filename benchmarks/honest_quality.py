@@ -142,6 +142,10 @@ def write(cells: dict, env: dict) -> None:
           "", environment_line(env), "",
           markdown_table(["case", "MACs kept", "calibration", "reported (held-out)", "measured on eval",
                           "warning", "prune s"], rows), ""]
+    elsewhere = [c for c in ordered if c.get("environment", env)["cpu"] != env["cpu"]]
+    if elsewhere:  # re-measured cells keep the machine they ran on: their prune times are not comparable
+        md += [f"Measured on another machine: {', '.join(c['case'] for c in elsewhere)} ("
+               f"{environment_line(elsewhere[0]['environment'])}).", ""]
     for c in ordered:
         if c["search"]:
             md += [f"{c['case']} probes (MACs kept, result, held-out agreement): " + ", ".join(
@@ -159,11 +163,12 @@ def main() -> None:
     path = RESULTS / "honest_quality.json"
     stored = json.loads(path.read_text()) if path.exists() else {"cells": []}
     cells = {c["case"]: c for c in stored["cells"]}
-    env = stored.get("environment") or environment()
+    here = environment()
+    env = stored.get("environment") or here
     store = not active()  # a variant's cells are printed only, never stored as the tool's
     for name in [n for n in args.cases.split(",") if n]:  # --cases "" rewrites the tables only
         print(f"== {name}", flush=True)
-        cells[name] = run_case(name)
+        cells[name] = {**run_case(name), "environment": here}
         print(json.dumps({k: v for k, v in cells[name].items() if k != "search"}, indent=1), flush=True)
         if store:
             write(cells, env)
