@@ -141,6 +141,8 @@ class MaskedModel:
             return damage(self.reference, self._concatenated(self._chunks(self.session, masks, self.outputs)),
                           self.kinds)
         segment = min(fits, key=lambda s: s.nodes)
+        if not segment.outputs:  # the channels feed no output
+            return 0.0
         if self._open is None or self._open[0] is not segment:
             self._open = None  # one segment's session at a time
             self._open = segment, session(export(cut_out(self.graph, segment, self.dtypes), self.loaded))
