@@ -98,26 +98,30 @@ class MaskedModel:
         cut = sorted({name for s in self.segments for name in s.cut})
         model = export(with_outputs(graph, cut), loaded)
         self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
-        runs = list(self._chunks(self.session, self._masks(np.zeros(0, np.int64)), self.outputs + cut))
-        self.reference = [np.concatenate([run[j] for run in runs]) for j in range(len(self.outputs))]
+        runs = list(self._chunks(self.session, self._masks(self._keeps(np.zeros(0, np.int64))), self.outputs + cut))
+        self.reference = self._concatenated(run[:len(self.outputs)] for run in runs)
         self.cut = {name: [run[len(self.outputs) + j] for run in runs] for j, name in enumerate(cut)}
         self.dtypes = {name: parts[0].dtype for name, parts in self.cut.items()}
         self.kinds = list(output_kinds(model, dict(zip(self.outputs, self.reference))).values())
         self._open: tuple[Segment, object] | None = None  # the last segment's session: probes come group by group
 
     def _segment(self, removed_roots: np.ndarray) -> Segment | None:
-        starts = self._starts(removed_roots)
+        starts = self._starts(self._keeps(removed_roots))
         return downstream(self.graph, starts) if starts else None
 
-    def _starts(self, removed_roots: np.ndarray) -> set[str]:
-        """The mask inputs in front of the tensors that lose a channel."""
-        return {prefix + name for name in self.masked if not self.analysis.keep_mask(name, removed_roots).all()
-                for prefix in (_MASK, _OFFSET)}
+    def _keeps(self, removed_roots: np.ndarray) -> dict[str, np.ndarray]:
+        """Which channels of each masked tensor survive the removal."""
+        return {name: self.analysis.keep_mask(name, removed_roots) for name in self.masked}
 
-    def _masks(self, removed_roots: np.ndarray) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _starts(keeps: dict[str, np.ndarray]) -> set[str]:
+        """The mask inputs in front of the tensors that lose a channel."""
+        return {prefix + name for name, keep in keeps.items() if not keep.all() for prefix in (_MASK, _OFFSET)}
+
+    def _masks(self, keeps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {}
         for name, shape in self.masked.items():
-            keep = self.analysis.keep_mask(name, removed_roots).astype(self.dtype).reshape(shape)
+            keep = keeps[name].astype(self.dtype).reshape(shape)
             inputs[_MASK + name], inputs[_OFFSET + name] = keep, (1.0 - keep) * self.means[name]
         return inputs
 
@@ -132,10 +136,11 @@ class MaskedModel:
 
     def damage(self, removed_roots: np.ndarray) -> float:
         """The damage with these channels replaced by their means; only what they feed is recomputed."""
-        touched = self._starts(removed_roots)
+        keeps = self._keeps(removed_roots)
+        touched = self._starts(keeps)
         if not touched:
             return 0.0
-        masks = self._masks(removed_roots)
+        masks = self._masks(keeps)
         fits = [s for s in self.segments if touched <= s.starts]
         if not fits:  # a removal no prepared segment covers: the whole model
             return damage(self.reference, self._concatenated(self._chunks(self.session, masks, self.outputs)),
