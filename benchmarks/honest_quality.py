@@ -142,10 +142,12 @@ def write(cells: dict, env: dict) -> None:
           "", environment_line(env), "",
           markdown_table(["case", "MACs kept", "calibration", "reported (held-out)", "measured on eval",
                           "warning", "prune s"], rows), ""]
-    elsewhere = [c for c in ordered if c.get("environment", env)["cpu"] != env["cpu"]]
-    if elsewhere:  # re-measured cells keep the machine they ran on: their prune times are not comparable
-        md += [f"Measured on another machine: {', '.join(c['case'] for c in elsewhere)} ("
-               f"{environment_line(elsewhere[0]['environment'])}).", ""]
+    elsewhere: dict[str, list[str]] = {}  # re-measured cells keep their machine: prune times differ by machine
+    for c in ordered:
+        if c.get("environment", env)["cpu"] != env["cpu"]:
+            elsewhere.setdefault(environment_line(c["environment"]), []).append(c["case"])
+    md += [f"Measured on another machine: {', '.join(cases)} ({line})." for line, cases in elsewhere.items()]
+    md += [""] if elsewhere else []
     for c in ordered:
         if c["search"]:
             md += [f"{c['case']} probes (MACs kept, result, held-out agreement): " + ", ".join(

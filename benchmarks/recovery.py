@@ -246,12 +246,13 @@ def _block_training() -> list[str]:
         return []
     found = json.loads(path.read_text())
     gains = [b["error_before"] - b["error_after"] for b in found["blocks"]]
+    largest = max(b["error_before"] for b in found["blocks"])
     return [f"Block-wise training (`python -m benchmarks.block_reconstruction --budget {found['budget']} --steps "
             f"{found['steps']} --lr {found['lr']}`, block_reconstruction.md): after the default prune, each inverted "
             "residual's kept expand, depthwise and projection filters trained together by Adam against the block's "
             f"original output. EfficientNet-Lite0 at {found['macs_kept']:.3f} of the MACs: top-1 "
             f"{_pct(found['top1_blocks'])} against {_pct(found['top1_default'])}; each block's held-out relative "
-            f"error fell by {min(gains):.4f} to {max(gains):.4f} (of up to {max(b['error_before'] for b in found['blocks']):.2f}), "
+            f"error fell by {min(gains):.4f} to {max(gains):.4f} (of up to {largest:.2f}), "
             f"for {found['blocks_seconds']:.0f} s more.", ""]
 
 
