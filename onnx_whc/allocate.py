@@ -28,7 +28,7 @@ from .errors import UserInputError
 from .load import LoadedModel
 from .ops import consumer_weight_axis
 from .quality import damage, output_kinds
-from .recovery.replay import samples_per_run, session
+from .recovery.replay import concatenated, samples_per_run, session
 from .segments import Segment, cut_out, downstream, with_outputs
 from .select import PrunePlan, excluded_by, select
 from .widths import WidthSteps
@@ -99,7 +99,7 @@ class MaskedModel:
         model = export(with_outputs(graph, cut), loaded)
         self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
         runs = list(self._chunks(self.session, self._masks(self._keeps(np.zeros(0, np.int64))), self.outputs + cut))
-        self.reference = self._concatenated(run[:len(self.outputs)] for run in runs)
+        self.reference = concatenated(run[:len(self.outputs)] for run in runs)
         self.cut = {name: [run[len(self.outputs) + j] for run in runs] for j, name in enumerate(cut)}
         self.dtypes = {name: parts[0].dtype for name, parts in self.cut.items()}
         self.kinds = list(output_kinds(model, dict(zip(self.outputs, self.reference))).values())
@@ -143,7 +143,7 @@ class MaskedModel:
         masks = self._masks(keeps)
         fits = [s for s in self.segments if touched <= s.starts]
         if not fits:  # a removal no prepared segment covers: the whole model
-            return damage(self.reference, self._concatenated(self._chunks(self.session, masks, self.outputs)),
+            return damage(self.reference, concatenated(self._chunks(self.session, masks, self.outputs)),
                           self.kinds)
         segment = min(fits, key=lambda s: s.nodes)
         if not segment.outputs:  # the channels feed no output
@@ -153,14 +153,9 @@ class MaskedModel:
             self._open = segment, session(export(cut_out(self.graph, segment, self.dtypes), self.loaded))
         runs = self._chunks(self._open[1], {name: masks[name] for name in segment.inputs if name in masks},
                             list(segment.outputs), segment.inputs, segment.cut)
-        recomputed = dict(zip(segment.outputs, self._concatenated(runs)))
+        recomputed = dict(zip(segment.outputs, concatenated(runs)))
         return damage(self.reference, [recomputed.get(name, ref) for name, ref in zip(self.outputs, self.reference)],
                       self.kinds)
-
-    @staticmethod
-    def _concatenated(runs) -> list[np.ndarray]:
-        runs = list(runs)
-        return [np.concatenate([run[j] for run in runs]) for j in range(len(runs[0]))]
 
 
 def _removals(analysis: ChannelAnalysis, groups: list[ChannelGroup], ratios, select_args: dict) -> dict:

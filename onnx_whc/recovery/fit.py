@@ -32,7 +32,7 @@ class FitSettings:
     seed: int = 0
     block_elements: int = 24_000_000  # patch values gathered at once (float32)
     ahead_bytes: int = 256 << 20  # original-model outputs held while the pruned model catches up
-    rectified: int = 0  # refits of a layer read by a Relu/Clip against its output after the rectifier
+    rectified: int = 3  # refits of a layer read by a Relu/Clip against the rectifier's output, as RecoverySettings
 
 
 ROWS_PER_INPUT = 100

@@ -95,8 +95,13 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], chunk: int,
     """All outputs of a whole model over many samples, `chunk` samples per run."""
     sess = session(model, providers)
     count = len(next(iter(feeds.values())))
-    parts = [sess.run(None, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, count, chunk)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    return concatenated(sess.run(None, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, count, chunk))
+
+
+def concatenated(runs) -> list[np.ndarray]:
+    """The outputs of runs over consecutive chunks of samples, joined along the batch."""
+    runs = list(runs)
+    return [np.concatenate([run[j] for run in runs]) for j in range(len(runs[0]))]
 
 
 class Weights:
