@@ -1,4 +1,4 @@
-"""What the channel analysis finds in exported ShuffleNets and VGG-11: groups, MACs and params removed.
+"""What the channel analysis finds in exported ShuffleNets, VGG-11 and ConvNeXt-T: groups, MACs and params removed.
 
 Each model is built by `benchmarks.synthetic` at its real size (224x224; VGG-11 is ~530 MB of
 weights), analysed with `onnx_whc.analyze`, and pruned once with `onnx_whc.prune(ratio=0.4,
@@ -26,6 +26,7 @@ MODELS = {
     "shufflenet_v2 (runtime batch)": lambda: synthetic.shufflenet_v2(runtime_batch=True),
     "shufflenet_v1 (g=3)": lambda: synthetic.shufflenet_v1(groups=3),
     "vgg11": synthetic.vgg11,
+    "convnext_tiny": synthetic.convnext_tiny,
     "mobilenet_v2": synthetic.mobilenet_v2,
 }
 # The issue counts 39 groups in ShuffleNetV2 and asks for 35 of them prunable; a graph that
@@ -98,7 +99,7 @@ def markdown(data: dict) -> str:
     whole = [[r["model"], reason, count, _producers(r["left_whole_groups"], reason)]
              for r in rows for reason, count in r["left_whole"].items()]
     return "\n".join([
-        "# Exports: channel groups found in ShuffleNet, VGG-11 and MobileNetV2 graphs",
+        "# Exports: channel groups found in ShuffleNet, VGG-11, ConvNeXt-T and MobileNetV2 graphs",
         "",
         *targets(rows),
         "",
@@ -108,7 +109,8 @@ def markdown(data: dict) -> str:
         "",
         "Synthetic models from `benchmarks.synthetic` at 224x224, shaped like a `torch.onnx.export` (opset 17, "
         "BatchNorm folded). ShuffleNet channel shuffles reshape to constant targets, or in the runtime-batch "
-        "variant to targets that read the batch from `Shape`. Each is pruned uniformly at ratio "
+        "variant to targets that read the batch from `Shape`. ConvNeXt-T's blocks apply their Linear layers per "
+        "position on a channels-last map (MatMul + Add) after a LayerNorm over the channels. Each is pruned uniformly at ratio "
         f"{RATIO} with round_to 1, no calibration data and no recovery. *Pruned* counts the groups that lost "
         "channels: a prunable group of too few channel classes loses none.",
         "",

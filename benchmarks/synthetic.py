@@ -19,6 +19,7 @@ Command line::
     python -m benchmarks.synthetic shufflenet_v2 --runtime-batch -o /tmp/snv2.onnx
     python -m benchmarks.synthetic shufflenet_v1 --groups 3 -o /tmp/snv1.onnx
     python -m benchmarks.synthetic vgg11 --width 0.25 --image-size 64 -o /tmp/vgg11.onnx
+    python -m benchmarks.synthetic convnext_tiny -o /tmp/convnext_t.onnx
     python -m benchmarks.synthetic size 500 -o /tmp/m500.onnx
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "shufflenet_v2",
     "shufflenet_v1",
     "vgg11",
+    "convnext_tiny",
     "model_of_size",
     "save",
     "count_params",
@@ -93,6 +95,8 @@ _SHUFFLENET_V1_CHANNELS = {1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480,
 _SHUFFLENET_REPEATS = (4, 8, 4)
 # VGG-11 ("A"): conv widths, "M" for a 2x2 max pool.
 _VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+# ConvNeXt-T: blocks and channels per stage.
+_CONVNEXT_TINY = ((3, 96), (3, 192), (9, 384), (3, 768))
 
 
 class _Builder:
@@ -183,11 +187,11 @@ class _Builder:
         return output
 
     def conv(self, x: str, scope: str, param: str, cin: int, cout: int, kernel: int,
-             stride: int = 1, group: int = 1, gain: float = 2.0) -> str:
-        """Conv with bias (BatchNorm folded in), 'same'-style padding."""
+             stride: int = 1, group: int = 1, gain: float = 2.0, pad: int | None = None) -> str:
+        """Conv with bias (BatchNorm folded in), 'same'-style padding unless `pad` says otherwise."""
         w = self.weight(f"{param}.weight", (cout, cin // group, kernel, kernel), gain)
         b = self.bias(f"{param}.bias", cout)
-        pad = kernel // 2
+        pad = kernel // 2 if pad is None else pad
         return self.node(
             "Conv", [x, w, b], f"{scope}/Conv",
             dilations=[1, 1], group=group, kernel_shape=[kernel, kernel],
@@ -520,6 +524,88 @@ def vgg11(width: float = 1.0, num_classes: int = 1000, image_size: int = 224,
     return _build_vgg11(_Builder("main_graph", seed), width, num_classes, image_size)
 
 
+# ------------------------------------------------------------------ ConvNeXt
+
+
+def _layer_norm(b: _Builder, x: str, scope: str, param: str, channels: int) -> str:
+    """nn.LayerNorm over the last axis (opset 17's LayerNormalization)."""
+    scale = b.initializer(f"{param}.weight", b.rng.uniform(0.5, 1.5, channels).astype(np.float32), (channels,))
+    shift = b.bias(f"{param}.bias", channels)
+    return b.node("LayerNormalization", [x, scale, shift], f"{scope}/LayerNormalization", axis=-1, epsilon=1e-6)
+
+
+def _layer_norm_2d(b: _Builder, x: str, scope: str, param: str, channels: int) -> str:
+    """torchvision's LayerNorm2d: permute to channels last, LayerNorm, permute back."""
+    x = b.node("Transpose", [x], f"{scope}/Transpose", perm=[0, 2, 3, 1])
+    x = _layer_norm(b, x, scope, param, channels)
+    return b.node("Transpose", [x], f"{scope}/Transpose_1", perm=[0, 3, 1, 2])
+
+
+def _matmul_linear(b: _Builder, x: str, scope: str, param: str, cin: int, cout: int, gain: float) -> str:
+    """nn.Linear on a channels-last map, as torch exports it: MatMul with the transposed weight, then Add."""
+    w = b.weight(f"{param}.weight", (cout, cin), gain)
+    if b.with_data:  # torch stores the transposed copy the MatMul reads
+        tensor = b.graph.initializer[-1]
+        values = np.frombuffer(tensor.raw_data, dtype="<f4").reshape(cout, cin)
+        tensor.raw_data, tensor.dims[:] = np.ascontiguousarray(values.T).tobytes(), [cin, cout]
+    else:
+        b.graph.initializer[-1].dims[:] = [cin, cout]
+    y = b.node("MatMul", [x, w], f"{scope}/MatMul")
+    return b.node("Add", [y, b.bias(f"{param}.bias", cout)], f"{scope}/Add")
+
+
+def _gelu(b: _Builder, x: str, scope: str) -> str:
+    """GELU as exported before opset 20: x * 0.5 * (1 + erf(x / sqrt 2))."""
+    y = b.node("Div", [x, "gelu.sqrt2"], f"{scope}/Div")
+    y = b.node("Add", [b.node("Erf", [y], f"{scope}/Erf"), "gelu.one"], f"{scope}/Add")
+    return b.node("Mul", [b.node("Mul", [x, y], f"{scope}/Mul"), "gelu.half"], f"{scope}/Mul_1")
+
+
+def _convnext_block(b: _Builder, x: str, stage: int, index: int, dim: int) -> str:
+    """torchvision CNBlock: depthwise 7x7 -> NHWC -> LayerNorm -> Linear 4C -> GELU -> Linear C -> NCHW,
+    times the layer scale, plus the input."""
+    scope, param = f"/features/features.{stage}/features.{stage}.{index}/block", \
+        f"features.{stage}.{index}.block"
+    y = b.conv(x, f"{scope}/block.0", f"{param}.0", dim, dim, 7, group=dim)
+    y = b.node("Transpose", [y], f"{scope}/block.1/Transpose", perm=[0, 2, 3, 1])
+    y = _layer_norm(b, y, f"{scope}/block.2", f"{param}.2", dim)
+    y = _matmul_linear(b, y, f"{scope}/block.3", f"{param}.3", dim, 4 * dim, gain=2.0)
+    y = _gelu(b, y, f"{scope}/block.4")
+    y = _matmul_linear(b, y, f"{scope}/block.5", f"{param}.5", 4 * dim, dim, gain=1.0)
+    y = b.node("Transpose", [y], f"{scope}/block.6/Transpose", perm=[0, 3, 1, 2])
+    gamma = b.initializer(f"features.{stage}.{index}.layer_scale", np.full((dim, 1, 1), 0.1, np.float32),
+                          (dim, 1, 1))
+    y = b.node("Mul", [gamma, y], f"/features/features.{stage}/features.{stage}.{index}/Mul")
+    return b.node("Add", [y, x], f"/features/features.{stage}/features.{stage}.{index}/Add")
+
+
+def convnext_tiny(num_classes: int = 1000, image_size: int = 224, seed: int = 0) -> onnx.ModelProto:
+    """torchvision ConvNeXt-T (28.6 M params): a Linear per position after a LayerNorm over channels."""
+    if image_size < 32 or image_size % 32:
+        raise ValueError("image_size must be a multiple of 32")
+    b = _Builder("main_graph", seed)
+    for name, value in (("gelu.sqrt2", math.sqrt(2.0)), ("gelu.one", 1.0), ("gelu.half", 0.5)):
+        b.scalar(name, value)
+    dim = _CONVNEXT_TINY[0][1]
+    x = b.conv("input", "/features/features.0/features.0.0", "features.0.0", 3, dim, 4, 4, pad=0)
+    x = _layer_norm_2d(b, x, "/features/features.0/features.0.1", "features.0.1", dim)
+    for stage, (blocks, channels) in enumerate(_CONVNEXT_TINY):
+        if stage:
+            index = 2 * stage
+            x = _layer_norm_2d(b, x, f"/features/features.{index}/features.{index}.0", f"features.{index}.0", dim)
+            x = b.conv(x, f"/features/features.{index}/features.{index}.1", f"features.{index}.1", dim, channels,
+                       2, 2, pad=0)
+            dim = channels
+        for i in range(blocks):
+            x = _convnext_block(b, x, 2 * stage + 1, i, dim)
+    x = b.node("GlobalAveragePool", [x], "/avgpool/GlobalAveragePool")
+    x = _layer_norm_2d(b, x, "/classifier/classifier.0", "classifier.0", dim)
+    x = b.node("Flatten", [x], "/classifier/classifier.1/Flatten", axis=1)
+    b.linear(x, "/classifier/classifier.2", "classifier.2", dim, num_classes, gain=1.0, output="logits",
+             bias_std=0.01)
+    return b.finish(image_size, num_classes)
+
+
 # ------------------------------------------------------------ sized ResNet-50
 
 
@@ -607,7 +693,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def count_macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates per sample of the Conv and Gemm nodes.
+    """Multiply-accumulates per sample of the Conv, Gemm and MatMul nodes.
 
     Shapes come from onnx shape inference on a data-free skeleton, so this
     works for models beyond the 2 GiB protobuf limit. Data propagation follows
@@ -627,6 +713,9 @@ def count_macs(model: onnx.ModelProto) -> int:
             macs += int(np.prod(out[1:])) * int(np.prod(dims[node.input[1]][1:]))
         elif node.op_type == "Gemm" and out:
             macs += int(np.prod(dims[node.input[1]]))
+        elif node.op_type == "MatMul" and out and node.input[1] in dims:
+            # Per output element: one multiply-add per row of the weight.
+            macs += int(np.prod(out[1:])) * dims[node.input[1]][0]
     return macs
 
 
@@ -751,6 +840,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("shufflenet_v1", help="ShuffleNet v1 with a given group count")
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--image-size", type=int, default=224)
+    p = sub.add_parser("convnext_tiny", help="torchvision ConvNeXt-T")
+    p.add_argument("--image-size", type=int, default=224)
     p = sub.add_parser("size", help="ResNet-50 with about TARGET_MB MB of weights")
     p.add_argument("target_mb", type=float)
     p.add_argument("--image-size", type=int, default=64)
@@ -766,6 +857,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
 def _build_from_args(args: argparse.Namespace) -> onnx.ModelProto:
     if args.kind == "size":
         return model_of_size(args.target_mb, args.seed, args.image_size, args.num_classes)
+    if args.kind == "convnext_tiny":
+        return convnext_tiny(args.num_classes, args.image_size, args.seed)
     if args.kind == "shufflenet_v1":
         return shufflenet_v1(args.groups, args.num_classes, args.image_size, args.seed)
     if args.kind == "shufflenet_v2":

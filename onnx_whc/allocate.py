@@ -75,11 +75,12 @@ class MaskedModel:
         masks: dict[str, gs.Variable] = {}
         for node in list(graph.nodes):
             x = node.inputs[0] if node.inputs else None
-            if not consumer_weight_axis(node) or x is None or not analysis.reads_channels(x.name):
+            if not consumer_weight_axis(node) or x is None or not analysis.reads_channels(node):
                 continue
             if x.name not in masks:
-                rank = len(loaded.shapes[x.name])
-                shape = (1, len(analysis.maps[x.name])) + (1,) * (rank - 2)
+                shape = [1] * len(loaded.shapes[x.name])
+                shape[analysis.axis(x.name)] = len(analysis.maps[x.name])
+                shape = tuple(shape)
                 mask = gs.Variable(_MASK + x.name, dtype=self.dtype, shape=list(shape))
                 offset = gs.Variable(_OFFSET + x.name, dtype=self.dtype, shape=list(shape))
                 product = gs.Variable(f"{x.name}::masked", dtype=x.dtype)

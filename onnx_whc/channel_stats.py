@@ -28,7 +28,7 @@ class ChannelStats:
 def consumer_inputs(loaded: LoadedModel, analysis: ChannelAnalysis) -> list[str]:
     """Tensors read by a layer with channel weights (Conv, Gemm, MatMul...) whose channels can go."""
     names = {node.inputs[0].name for node in loaded.graph.nodes
-             if consumer_weight_axis(node) and node.inputs and analysis.reads_channels(node.inputs[0].name)}
+             if consumer_weight_axis(node) and node.inputs and analysis.reads_channels(node)}
     return sorted(names)
 
 
@@ -48,10 +48,11 @@ def channel_stats(loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[st
         values = sess.run(names, {k: v[lo:lo + chunk] for k, v in feeds.items()}) if names else []
         for name, x in zip(names, values):
             x = x.astype(np.float64)
-            axes = (0,) + tuple(range(2, x.ndim))
+            channel_axis = analysis.axis(name)
+            axes = tuple(a for a in range(x.ndim) if a != channel_axis)
             sums[name] = sums[name] + x.sum(axis=axes)
             squares[name] = squares[name] + (x * x).sum(axis=axes)
-            positions[name] += x.size // x.shape[1]
+            positions[name] += x.size // x.shape[channel_axis]
     means = {name: sums[name] / positions[name] for name in names}
     variances = {name: np.maximum(squares[name] / positions[name] - means[name] ** 2, 0.0) for name in names}
     return ChannelStats(means, variances)

@@ -74,17 +74,19 @@ class ChannelAnalysis:
     roots: np.ndarray  # atom -> root of its class
     spaces: list[Space] = field(default_factory=list)
     axes: dict[str, int] = field(default_factory=dict)  # tensor -> its channel axis, where not 1
+    readers: set[str] = field(default_factory=set)  # nodes whose weights index their input's channels
 
     def axis(self, tensor_name: str) -> int:
         return self.axes.get(tensor_name, 1)
 
-    def reads_channels(self, tensor_name: str) -> bool:
-        """Whether a layer's weights index the traced channels of this input: traced, on axis 1.
+    def reads_channels(self, node) -> bool:
+        """Whether a layer's weights index the traced channels of its input (a Conv's on axis 1, a
+        MatMul's on the last axis).
 
         A Conv reading channels a Transpose moved elsewhere blocks them; its weights' input axis
         then runs along some other dimension, which masks and statistics must not mistake for them.
         """
-        return tensor_name in self.maps and self.axis(tensor_name) == 1
+        return node.name in self.readers
 
     def keep_mask(self, tensor_name: str, removed_roots: np.ndarray) -> np.ndarray | None:
         """Which channels of a tensor survive when the given classes are removed."""
@@ -109,6 +111,7 @@ class _Tracer:
         self.producers: list[Producer] = []
         self.node_spaces: dict[str, set[int]] = defaultdict(set)
         self.absorbed: set[str] = set()  # nodes a handler of an earlier node already traced
+        self.readers: set[str] = set()  # nodes whose weights index the traced channels of their input
 
     # ---- atoms -------------------------------------------------------------------------------
     def new_space(self, kind: str, node: str, size: int, fixed_reason: str | None = None) -> np.ndarray:
@@ -172,11 +175,11 @@ class _Tracer:
         if atoms is not None and len(atoms):
             self.node_spaces[node.name].update(np.unique(np.asarray(self.space_of)[atoms]).tolist())
 
-    def opaque(self, node: gs.Node, tensor, reason: str, kind: str = "fixed") -> None:
-        """Channels nobody can trace: fresh atoms, fixed."""
+    def opaque(self, node: gs.Node, tensor, reason: str, kind: str = "fixed", axis: int = 1) -> None:
+        """Channels nobody can trace: fresh atoms, fixed, along `axis`."""
         shape = self.shape(tensor)
-        if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) and shape[1] > 0:
-            self.assign(node, tensor, self.new_space(kind, node.name, shape[1], reason))
+        if shape is not None and len(shape) > axis and isinstance(shape[axis], int) and shape[axis] > 0:
+            self.assign(node, tensor, self.new_space(kind, node.name, shape[axis], reason), axis)
 
     def block(self, node: gs.Node, reason: str, kind: str = "fixed") -> None:
         """Fix every channel the node reads and make its outputs untraceable.
@@ -188,8 +191,11 @@ class _Tracer:
             if atoms is not None:
                 self.touch(node, atoms)
                 self.fix(atoms, reason)
+        first = node.inputs[0] if node.inputs and self.map_of(node.inputs[0]) is not None else None
         for tensor in node.outputs:
-            self.opaque(node, tensor, reason, kind)
+            # An output shaped like the input (a LayerNorm over channels-last features) keeps its channel axis.
+            same = first is not None and self.shape(tensor) == self.shape(first)
+            self.opaque(node, tensor, reason, kind, self.axis_of(first) if same else 1)
 
     def constant_values(self, node: gs.Node, index: int):
         if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
@@ -275,6 +281,7 @@ def _conv(t: _Tracer, node: gs.Node) -> None:
     if atoms_in is None:
         return t.opaque(node, out, "Conv input of unknown shape")
     t.touch(node, atoms_in)
+    t.readers.add(node.name)
     if group == 1:
         atoms = t.new_space("conv", node.name, c_out)
         t.producers.append(Producer(node, atoms, 0))
@@ -305,6 +312,8 @@ def _conv_transpose(t: _Tracer, node: gs.Node) -> None:
     if not t.channels_first(node, node.inputs[0]):
         return
     t.touch(node, t.map_of(node.inputs[0]))
+    if t.map_of(node.inputs[0]) is not None:
+        t.readers.add(node.name)
     atoms = t.new_space("conv", node.name, weight.values.shape[1])
     t.producers.append(Producer(node, atoms, 1))
     t.assign(node, node.outputs[0], atoms)
@@ -577,21 +586,28 @@ def gemm_bias_prunable(node: gs.Node, features: int) -> bool:
 
 
 def _gemm(t: _Tracer, node: gs.Node) -> None:
-    atoms = t.map_of(node.inputs[0])
+    """A fully connected layer: a Gemm on 2-D features, or a MatMul over the last axis of its input
+    (a Linear on rows, or per position on a channels-last map: Keras Dense, ConvNeXt's MLP)."""
+    x, weight = node.inputs[0], node.inputs[1]
+    atoms = t.map_of(x)
     if atoms is None:
         return t.opaque(node, node.outputs[0], f"{node.op} of an input whose features cannot be traced")
     transposed = node.op == "Gemm" and int(node.attrs.get("transA", 0))
-    if transposed or not isinstance(node.inputs[1], gs.Constant) or t.rank(node.inputs[0]) != 2:
-        return t.block(node, f"{node.op} over a non-2-D input or non-constant weights")
+    if transposed or not isinstance(weight, gs.Constant) or weight.values.ndim != 2:
+        return t.block(node, f"{node.op} with a transposed input or weights that are not a constant matrix")
+    rank = t.rank(x)
+    if rank != 2 and (node.op == "Gemm" or t.axis_of(x) != rank - 1):
+        return t.block(node, f"{node.op} over an axis of its {rank}-D input that does not carry its channels")
     t.touch(node, atoms)
+    t.readers.add(node.name)
     # A fully connected layer's output features are filters like a Conv's: rows of its weight.
     axis = gemm_output_axis(node)
-    features = node.inputs[1].values.shape[axis]
+    features = weight.values.shape[axis]
     if not gemm_bias_prunable(node, features):
         return t.opaque(node, node.outputs[0], "Gemm bias is computed at run time or not per feature")
     out = t.new_space("conv", node.name, features)
     t.producers.append(Producer(node, out, axis))
-    t.assign(node, node.outputs[0], out)
+    t.assign(node, node.outputs[0], out, rank - 1)
 
 
 def _transpose(t: _Tracer, node: gs.Node) -> None:
@@ -822,4 +838,4 @@ def _build_groups(t: _Tracer) -> ChannelAnalysis:
             reasons.append("no filters to score")
         nodes = sorted(nodes_by_group.get(g, ()), key=lambda n: (node_order.get(n, len(node_order)), n))
         groups.append(ChannelGroup(len(groups), classes, producers, nodes, reasons))
-    return ChannelAnalysis(groups, t.maps, roots, t.spaces, t.axes)
+    return ChannelAnalysis(groups, t.maps, roots, t.spaces, t.axes, t.readers)

@@ -20,7 +20,7 @@ def zeroed_reference(loaded: LoadedModel, analysis: ChannelAnalysis, removed_roo
     """Export the unpruned graph of `loaded` with every reader of a removed channel zeroed."""
     graph = loaded.graph.copy()
     for node in graph.nodes:
-        where = consumer_weight_axis(node)
+        where = consumer_weight_axis(node) if analysis.reads_channels(node) else None
         mask = analysis.keep_mask(node.inputs[0].name, removed_roots) if where else None
         if mask is None or mask.all():
             continue

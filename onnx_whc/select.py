@@ -78,7 +78,7 @@ def consumer_weight_norms(analysis: ChannelAnalysis, graph,
     squares = {group.id: np.zeros(group.channels) for group in analysis.groups}
     for node in graph.nodes:
         where = consumer_weight_axis(node)
-        atoms = analysis.maps.get(node.inputs[0].name) if where and analysis.reads_channels(node.inputs[0].name) else None
+        atoms = analysis.maps.get(node.inputs[0].name) if where and analysis.reads_channels(node) else None
         if atoms is None or not hasattr(node.inputs[where[0]], "values"):
             continue
         weight = np.asarray(node.inputs[where[0]].values, dtype=np.float64)

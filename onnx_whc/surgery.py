@@ -203,7 +203,7 @@ def _resize(s: _Surgeon, node: gs.Node) -> None:
 
 
 def _consumer(s: _Surgeon, node: gs.Node) -> None:
-    mask = s.keep(node.inputs[0])
+    mask = s.keep(node.inputs[0]) if s.analysis.reads_channels(node) else None
     if mask is not None:
         index, axis = consumer_weight_axis(node)
         s.slice_input(node, index, axis, mask)

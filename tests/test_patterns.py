@@ -797,6 +797,62 @@ def test_channels_last_concat_split_and_slice_follow_the_moved_axis(ratio):
     assert keep(8, ratio) <= in_channels(pruned, "c2") <= keep(8, ratio) + 4  # the slice kept cb's first 4
 
 
+def _linear(b, y, width, name, bias=True):
+    """PyTorch's nn.Linear (and tf2onnx's Dense) on a channels-last tensor: MatMul over the last axis + Add."""
+    y = b.matmul(y, width, name=name)
+    return b.op("Add", [y, b.random([width], 0.1, f"{name}.bias")]) if bias else y
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_a_linear_per_position_on_channels_last_maps_reads_and_writes_channels(opset, ratio):
+    """Conv -> NHWC -> Linear 24 -> ReLU -> Linear 16 (no bias) -> NCHW -> Conv: three prunable groups, the
+    MatMuls' inputs and outputs along the last axis."""
+    b = GraphBuilder(opset=opset)
+    x = b.input("x", [1, 3, 6, 6])
+    y = b.transpose(b.conv(x, 16, name="c1"), perm=NHWC)
+    y = _linear(b, b.relu(_linear(b, y, 24, "fc1")), 16, "fc2", bias=False)
+    model = b.build([b.conv(b.transpose(b.relu(y), perm=NCHW), 4, name="c2")])
+    assert not [r for g in analyze(model).groups for r in g.reasons if "graph output" not in r]
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "c1") == in_channels(pruned, "fc1") == keep(16, ratio)
+    assert out_channels(pruned, "fc1") == in_channels(pruned, "fc2") == keep(24, ratio)
+    assert out_channels(pruned, "fc2") == in_channels(pruned, "c2") == keep(16, ratio)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_convnext_block_prunes_its_mlp_behind_a_layer_norm_over_channels(ratio):
+    """ConvNeXt: depthwise 7x7 -> permute to NHWC -> LayerNorm over C -> Linear 4C -> GELU -> Linear C ->
+    layer scale -> permute back -> residual Add. The LayerNorm fixes the trunk; the 4C hidden features go."""
+    b = GraphBuilder(opset=17)
+    x = b.input("x", [1, 3, 8, 8])
+    trunk = b.conv(x, 8, k=2, stride=2, pad=0, name="stem")
+    y = b.transpose(b.conv(trunk, 8, k=7, group=8, name="dw"), perm=NHWC)
+    y = b.op("LayerNormalization", [y, b.positive([8]), b.random([8], 0.1)], axis=-1, name="norm")
+    y = _linear(b, _erf_gelu(b, _linear(b, y, 32, "pw1")), 8, "pw2")
+    y = b.transpose(b.op("Mul", [y, b.positive([8], "gamma")]), perm=NCHW)
+    model = b.build([b.conv(b.op("Add", [trunk, y]), 4, name="head")])
+    assert any("LayerNormalization over the channel axis" in r for r in group_reasons(model, "stem"))
+    assert not group_reasons(model, "pw1")
+    pruned, _ = prune_and_compare(model, ratio)
+    assert out_channels(pruned, "pw1") == in_channels(pruned, "pw2") == keep(32, ratio)
+    assert out_channels(pruned, "pw2") == out_channels(pruned, "stem") == 8
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_a_linear_on_a_token_sequence_prunes_its_hidden_features(ratio):
+    """A patch embedding flattened to tokens (N, C, HW) -> (N, HW, C), then an MLP on the sequence."""
+    b = GraphBuilder(opset=17, dynamic_batch=False)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Reshape", [b.conv(x, 16, k=2, stride=2, pad=0, name="patch"), b.ints([1, 16, 16])])
+    y = b.transpose(y, perm=[0, 2, 1])
+    y = _linear(b, b.relu(_linear(b, y, 24, "fc1")), 5, "fc2")
+    pruned, _ = prune_and_compare(b.build([b.op("ReduceMean", [y], axes=[1])]), ratio)
+    assert out_channels(pruned, "patch") == in_channels(pruned, "fc1") == keep(16, ratio)
+    assert out_channels(pruned, "fc1") == in_channels(pruned, "fc2") == keep(24, ratio)
+    assert out_channels(pruned, "fc2") == 5  # feeds the graph output
+
+
 CHANNELS_LAST_BLOCKERS = {
     "maxpool_on_nhwc": (lambda b, y: b.transpose(b.op("MaxPool", [b.transpose(y, perm=NHWC)], kernel_shape=[2, 2]),
                                                  perm=NCHW), "MaxPool reads channels moved to axis 3"),
@@ -805,6 +861,7 @@ CHANNELS_LAST_BLOCKERS = {
     "reduce_over_moved_channels": (lambda b, y: b.op("ReduceMean", [b.transpose(y, perm=NHWC)], axes=[3]),
                                    "reduces over the channel or batch axis"),
     "batch_moved": (lambda b, y: b.transpose(y, perm=[1, 0, 2, 3]), "Transpose moves the batch axis"),
+    "matmul_over_width": (lambda b, y: b.matmul(y, 5), "MatMul over an axis of its 4-D input that does not carry"),
 }
 
 

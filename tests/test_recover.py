@@ -121,6 +121,29 @@ def test_lsq_non_sequential_is_exact_on_the_linear_model_too():
     assert _max_error(original, recovered, held) < 1e-4
 
 
+def test_lsq_refits_linear_layers_at_every_position_of_a_channels_last_map():
+    """A Linear per position (MatMul over the last axis of an NHWC map): rows are the map's positions."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.transpose(b.conv(x, 8, name="c1"), perm=[0, 2, 3, 1])
+    y = b.matmul(b.op("Add", [b.matmul(y, 8, name="fc1"), b.random([8], 0.1, "fc1.bias")]), 6, name="fc2")
+    model = b.build([b.conv(b.transpose(y, perm=[0, 3, 1, 2]), 5, name="c2")])
+    w, bias = _get(model, "fc1.weight").copy(), _get(model, "fc1.bias").copy()
+    for feature, (i, j, a, c) in {6: (0, 1, 0.5, -1.0), 7: (2, 3, 1.0, 2.0)}.items():
+        w[:, feature], bias[feature] = a * w[:, i] + c * w[:, j], a * bias[i] + c * bias[j]
+    _set(model, "fc1.weight", w)
+    _set(model, "fc1.bias", bias)
+    group = next(g.id for g in analyze_channels(load(model)).groups if g.producers[0][0].node.name == "fc1")
+    original, pruned, keep, shapes = _pruned_pair(model, {group: 0.25}, {"fc1": [6, 7]})
+    calib = np.random.default_rng(0).standard_normal((48, 4, 6, 6)).astype(np.float32)
+    held = np.random.default_rng(1).standard_normal((16, 4, 6, 6)).astype(np.float32)
+    assert _max_error(original, pruned, held) > 0.05
+    recovered, report = recover(original, pruned, keep, shapes, calib, RecoverySettings(method="lsq", ridge=0.0))
+    assert _max_error(original, recovered, held) < 1e-4
+    fc2 = next(r for r in report["per_layer"] if r["layer"] == "fc2")
+    assert fc2["rows"] == 39 * 36  # every position of the 6x6 maps of the 48 samples less the 9 held out
+
+
 def test_each_layer_samples_rows_in_proportion_to_its_inputs():
     """100 sampled positions per input of a layer's map, within [samples, 4 x samples] and what the data holds."""
     model = _linear_convs()
@@ -370,6 +393,39 @@ def test_allocation_meets_the_budget_and_spares_the_sensitive_group():
     apply_plan(loaded, analysis, plan)
     after = model_cost(loaded.graph, infer_static_shapes(loaded.graph, loaded.input_shapes)).macs
     assert after <= 0.8 * before and allocation.macs_kept == pytest.approx(after / before, abs=1e-6)
+
+
+def test_allocation_and_channel_statistics_read_channels_last_features_along_their_last_axis():
+    """An NHWC MLP whose hidden features 8-15 are dead: the allocator's masks and the statistics must
+    run along the last axis to see it."""
+    b = GraphBuilder(seed=5)
+    x = b.input("x", [1, 3, 6, 6])
+    y = b.transpose(b.relu(b.conv(x, 8, name="c1")), perm=[0, 2, 3, 1])
+    hidden = b.relu(b.op("Add", [b.matmul(y, 16, name="fc1"), b.random([16], 0.1, "fc1.bias")]))
+    y = b.transpose(b.matmul(hidden, 8, name="fc2"), perm=[0, 3, 1, 2])
+    model = b.build([b.conv(b.relu(y), 4, name="c2")])
+    w, bias = _get(model, "fc1.weight").copy(), _get(model, "fc1.bias").copy()
+    w[:, 8:], bias[8:] = 0.0, -1.0
+    _set(model, "fc1.weight", w)
+    _set(model, "fc1.bias", bias)
+    loaded = load(model)
+    analysis = analyze_channels(loaded)
+    calib = {"x": np.random.default_rng(0).standard_normal((48, 3, 6, 6)).astype(np.float32)}
+    stats = channel_stats(loaded, analysis, calib)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
+    h = run_model(probe, calib, 64)[1].astype(np.float64)
+    np.testing.assert_allclose(stats.mean[hidden], h.mean(axis=(0, 1, 2)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats.var[hidden], h.var(axis=(0, 1, 2)), rtol=1e-5, atol=1e-9)
+    select_args = dict(criterion="whc", round_to=1, exclude=(), seed=0)
+    allocator = Allocator(loaded, analysis, calib, select_args, stats)
+    plan, allocation = allocated_plan(loaded, analysis, allocator, None, 0.85, select_args)
+    removed = {d.group.producers[0][0].node.name: d.removed for d in plan.decisions}
+    fc1 = next(g for g in analysis.groups if g.producers[0][0].node.name == "fc1")
+    assert allocation.damage[fc1.id][:2] == pytest.approx([0.0, 0.0], abs=1e-6)  # a quarter, a half: all dead
+    assert allocation.damage[fc1.id][2] > 0.05
+    assert removed["fc1"].tolist() == list(range(8, 16))
 
 
 def _energy_model() -> onnx.ModelProto:

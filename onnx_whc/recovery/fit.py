@@ -106,7 +106,7 @@ def _fit_one(original: Replay, pruned: Replay, layer: Layer, update: Update, set
         g1 = min(groups, g0 + block)
         x = patches(source, layer.input, sample, geometry, in_channels[g0 * per_group_in:g1 * per_group_in], size)
         x = x.reshape(len(sample.image), g1 - g0, dim).transpose(1, 0, 2)
-        y = outputs(original, layer.output, sample, out_channels[g0 * width:g1 * width])
+        y = outputs(original, layer.output, sample, out_channels[g0 * width:g1 * width], layer.channels_last)
         shortcut = None
         if settings.residual and settings.sequential:
             drift, shortcut = _residual_terms(original, pruned, layer, sample, out_channels[g0 * width:g1 * width],
@@ -183,7 +183,7 @@ def _residual_terms(original: Replay, pruned: Replay, layer: Layer, sample, chan
         if original.cache[name][0].shape != original.cache[layer.output][0].shape:
             shortcut = None  # a broadcast operand
             continue
-        now = outputs(pruned, name, sample, kept)
-        drift = drift + outputs(original, name, sample, channels) - now
+        now = outputs(pruned, name, sample, kept, layer.channels_last)
+        drift = drift + outputs(original, name, sample, channels, layer.channels_last) - now
         shortcut = None if shortcut is None else shortcut + now
     return drift, shortcut

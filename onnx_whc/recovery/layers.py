@@ -35,6 +35,11 @@ class Layer:
     # the range of the Relu/Clip that is the only reader of its output (of the residual Add's sum)
     bounds: tuple[float, float] | None = None
 
+    @property
+    def channels_last(self) -> bool:
+        """A Gemm's or MatMul's features run along the last axis (any axes between are positions)."""
+        return self.op != "Conv"
+
 
 @dataclass
 class Affine:
@@ -160,7 +165,7 @@ class Sample:
     """Where a layer is looked at: sample (image) index and output coordinates of each row."""
 
     image: np.ndarray  # (S,)
-    coords: np.ndarray  # (S, spatial rank); empty for Gemm/MatMul
+    coords: np.ndarray  # (S, spatial rank); empty for a Gemm or a MatMul on rows
 
 
 def sample_positions(count: int, out_spatial: tuple[int, ...], wanted: int, rng) -> Sample:
@@ -192,12 +197,12 @@ def _select(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
 
 def patches(replay: Replay, name: str, sample: Sample, geometry: ConvGeometry | None,
             channels: np.ndarray, out_size: tuple[int, ...] = ()) -> np.ndarray:
-    """Input patches (S, C, *kernel) of a Conv at the sampled outputs, or rows (S, C) of a Gemm."""
+    """Input patches (S, C, *kernel) of a Conv at the sampled outputs, or rows (S, C) of a Gemm or MatMul."""
     chunks = replay.chunks(name)
-    if geometry is None:
+    if geometry is None:  # features along the last axis, at the sampled positions of the axes before it
         out = np.empty((len(sample.image), len(channels)), np.float32)
         for c, rows, local in _for_chunks(replay, sample):
-            out[rows] = _select(chunks[c][local], channels)
+            out[rows] = _select(chunks[c][(local, *sample.coords[rows].T)], channels)
         return out
     n = len(geometry.kernel)
     reach = [d * (k - 1) + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
@@ -216,15 +221,15 @@ def patches(replay: Replay, name: str, sample: Sample, geometry: ConvGeometry | 
     return out
 
 
-def outputs(replay: Replay, name: str, sample: Sample, channels: np.ndarray) -> np.ndarray:
-    """A tensor's values (S, C) at the sampled positions."""
+def outputs(replay: Replay, name: str, sample: Sample, channels: np.ndarray, last: bool = False) -> np.ndarray:
+    """A tensor's values (S, C) at the sampled positions; its channels on axis 1, or the last axis."""
     chunks = replay.chunks(name)
     out = np.empty((len(sample.image), len(channels)), np.float32)
     for c, rows, local in _for_chunks(replay, sample):
-        y = chunks[c]
-        index = (local[:, None], channels[None, :]) + tuple(sample.coords[rows, j][:, None]
-                                                           for j in range(sample.coords.shape[1]))
-        out[rows] = y[index]
+        positions = tuple(coord[:, None] for coord in sample.coords[rows].T)
+        index = (local[:, None], *positions, channels[None, :]) if last else \
+            (local[:, None], channels[None, :], *positions)
+        out[rows] = chunks[c][index]
     return out
 
 
@@ -286,4 +291,5 @@ def geometry_of(replay: Replay, layer: Layer) -> ConvGeometry | None:
 
 def out_spatial(replay: Replay, layer: Layer, geometry: ConvGeometry | None) -> tuple[int, ...]:
     """Output spatial size, from the cached input so no extra run is needed."""
-    return () if geometry is None else geometry.output_size(replay.chunks(layer.input)[0].shape[2:])
+    x = replay.chunks(layer.input)[0]
+    return tuple(x.shape[1:-1]) if geometry is None else geometry.output_size(x.shape[2:])

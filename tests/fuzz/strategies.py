@@ -162,6 +162,26 @@ def nhwc_round_trip(draw, g: _Graph) -> None:
     g.put(net.node("Transpose", [y], (c, h, w), perm=[0, 3, 1, 2]))
 
 
+def nhwc_mlp(draw, g: _Graph) -> None:
+    """A Linear per position on a channels-last map (Keras Dense, ConvNeXt's MLP): to NHWC, MatMul over the
+    channels (+ bias), an activation, MatMul back to C or another width (+ bias), to NCHW; perhaps residual."""
+    x = g.pick(draw)
+    net = g.net
+    c, h, w = net.shape[x]
+    source = g.take(x)
+    y = net.node("Transpose", [source], (h, w, c), perm=[0, 2, 3, 1])
+    widths = [draw(st.integers(1, MAX_CHANNELS)), draw(st.sampled_from([c, draw(st.integers(1, MAX_CHANNELS))]))]
+    for index, width in enumerate(widths):
+        features = net.shape[y][-1]
+        y = net.node("MatMul", [y, net.const(net.weight((features, width), features), "lin")], (h, w, width))
+        if draw(st.booleans()):
+            y = net.node("Add", [y, net.const(net.rng.normal(0, 0.1, width).astype(np.float32), "linb")], (h, w, width))
+        if index == 0:
+            y = net.act(y, draw(st.sampled_from(ACTIVATIONS)))
+    y = net.node("Transpose", [y], (widths[1], h, w), perm=[0, 3, 1, 2])
+    g.put(net.add(source, y) if widths[1] == c and draw(st.booleans()) else y)
+
+
 def shuffle(draw, g: _Graph) -> None:
     """ShuffleNet's channel shuffle: Reshape (g, C/g), Transpose(0, 2, 1, 3, 4), Reshape back."""
     x = g.pick(draw, lambda s: any(s[0] % k == 0 and k < s[0] for k in (2, 3, 4)))
@@ -178,7 +198,7 @@ def shuffle(draw, g: _Graph) -> None:
 BLOCKS = {
     "conv": conv, "depthwise": depthwise, "grouped": grouped, "residual": residual, "add": add_two,
     "concat": concat, "split": split, "se": se_gate, "pool": pool, "upsample": upsample,
-    "nhwc": nhwc_round_trip, "shuffle": shuffle,
+    "nhwc": nhwc_round_trip, "shuffle": shuffle, "nhwc_mlp": nhwc_mlp,
 }
 
 
