@@ -840,9 +840,10 @@ def test_convnext_block_prunes_its_mlp_behind_a_layer_norm_over_channels(ratio):
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
-def test_a_linear_on_a_token_sequence_prunes_its_hidden_features(ratio):
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_a_linear_on_a_token_sequence_prunes_its_hidden_features(opset, ratio):
     """A patch embedding flattened to tokens (N, C, HW) -> (N, HW, C), then an MLP on the sequence."""
-    b = GraphBuilder(opset=17, dynamic_batch=False)
+    b = GraphBuilder(opset=opset, dynamic_batch=False)
     x = b.input("x", [1, 3, 8, 8])
     y = b.op("Reshape", [b.conv(x, 16, k=2, stride=2, pad=0, name="patch"), b.ints([1, 16, 16])])
     y = b.transpose(y, perm=[0, 2, 1])
