@@ -198,7 +198,9 @@ def _add_quality(report: PruneReport, run: Pipeline, pruned: onnx.ModelProto) ->
     quality = run.probe.measure(pruned)
     synthetic = run.calibration is not None and run.calibration.synthetic
     own_data = run.calibration is not None and not synthetic
-    report.quality, report.quality_on, report.warning = quality.to_dict(), quality.on, quality.warning(own_data)
+    brief = run.calibration.quality_samples if run.calibration is not None else None
+    report.quality, report.quality_on, report.warning = quality.to_dict(), quality.on, quality.warning(own_data, brief)
+    report.quality_samples = brief
     if synthetic:
         report.caveat = SYNTHETIC_CAVEAT
 

@@ -124,6 +124,13 @@ class Calibration:
         return self.held or self.fit
 
     @property
+    def quality_samples(self) -> str:
+        """Which samples quality is measured on, without `source`: for lines that follow the one naming it."""
+        if self.held:
+            return f"{self.held_count} held-out samples (not used for fitting)"
+        return f"the {self.fit_count} fitting samples (too few to hold any out)"
+
+    @property
     def quality_on(self) -> str:
         if self.held:
             return f"{self.held_count} held-out samples of {self.source} (not used for fitting)"

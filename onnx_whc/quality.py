@@ -102,10 +102,11 @@ class Quality:
     def to_dict(self) -> dict:
         return {name: q.to_dict() for name, q in self.outputs.items()}
 
-    def warning(self, own_data: bool = False) -> str | None:
+    def warning(self, own_data: bool = False, on: str | None = None) -> str | None:
         """One line for stderr when an output falls below its threshold, else None.
 
-        `own_data`: measured on the user's calibration data, so more of it is not the fix.
+        `own_data`: measured on the user's calibration data, so more of it is not the fix. `on`: a
+        shorter name for the samples than `self.on`, where the summary has just said what they are.
         """
         failing = [(name, q) for name, q in self.outputs.items() if not q.ok]
         if not failing:
@@ -116,7 +117,7 @@ class Quality:
         floor = "--min-r2" if q.metric == "r2" else "--min-agreement"
         fix = f"Prune less (a larger --target-macs, or {floor})" if own_data else \
             "Add --calib DIR (a few hundred images like the deployment data) or prune less"
-        return f"warning: output '{name}' {q.describe()} on {self.on}: {what}. {fix}."
+        return f"warning: output '{name}' {q.describe()} on {on or self.on}: {what}. {fix}."
 
 
 def _margin(q: OutputQuality) -> float:

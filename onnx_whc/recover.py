@@ -121,5 +121,5 @@ def _summary(report: dict, before, after) -> str:
     if before is not None and before.worst is not None:
         name, q = before.worst
         change = f"'{name}' {q.describe()} -> {after.outputs[name].describe()}"
-    return (f"{report['layers']} layers fitted on {report['calibration']}, {report['seconds']:.1f} s; "
+    return (f"{report['layers']} layers fitted on {report['calibration_samples']} samples, {report['seconds']:.1f} s; "
             f"{change}")

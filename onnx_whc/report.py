@@ -64,6 +64,7 @@ class PruneReport:
     calibration: str | None = None  # what data drove allocation and recovery, or why there was none
     quality: dict | None = None  # output name -> {"kind", "metric", "value", "cosine", ...} (onnx_whc.quality)
     quality_on: str | None = None  # the inputs quality was measured on
+    quality_samples: str | None = None  # the same, without repeating the calibration data's description
     warning: str | None = None  # one line for stderr when the quality falls below its threshold
     caveat: str | None = None  # one line for stderr when quality was measured on synthetic images
     search: dict | None = None  # --min-agreement / --min-r2: every probe of the budget search
@@ -86,6 +87,7 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data.pop("quality_samples")  # quality_on says it in full
         data["macs_kept"], data["params_kept"] = self.macs_kept, self.params_kept
         return data
 
@@ -136,7 +138,7 @@ class PruneReport:
         elif self.calibration and self.calibration.startswith("none (") and self.removed_channels:
             lines.append("recovery skipped: no calibration data (give --calib DIR)")
         if self.quality:
-            lines.append(f"quality vs the original, on {self.quality_on}:")
+            lines.append(f"quality vs the original, on {self.quality_samples or self.quality_on}:")
             for name, q in self.quality.items():
                 cos = "n/a" if q["cosine"] is None else f"{q['cosine']:.4f}"
                 lines.append(f"  {name}  {q['kind']:10s}  {describe(q)}  (cosine {cos})")

@@ -96,6 +96,11 @@ def test_headline_command_recovers_on_synthetic_images_and_says_so(tmp_path):
     assert report["quality"]["logits"]["value"] == report["recovery"]["quality_after"]["logits"] > before
     assert "calibration: 320 built-in synthetic dead-leaves images" in result.stdout
     assert "note: quality was measured on synthetic images, not on your data" in result.stderr
+    # the long description of the data is said once; the lines after it name the samples
+    assert result.output.count(report["calibration"]) == 1
+    fitted = report["recovery"]["calibration_samples"]
+    assert f"layers fitted on {fitted} samples" in result.stdout
+    assert "quality vs the original, on 64 held-out samples (not used for fitting):" in result.stdout
 
 
 def test_report_kept_indices_are_the_surviving_filters(pruned_run):
