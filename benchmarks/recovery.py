@@ -108,6 +108,9 @@ OTHER_CODE = {
     "trunk-80": (VARIANTS, "default", "WHC_FORCE=9:0.25 ", "diagnostic: a quarter of the 80-channel residual trunk"),
     "trunk-112": (VARIANTS, "default", "WHC_FORCE=13:0.25 ", "diagnostic: a quarter of the 112-channel trunk"),
     "trunk-192": (VARIANTS, "default", "WHC_FORCE=17:0.25 ", "diagnostic: a quarter of the 192-channel trunk"),
+    "expansions-0.3": (VARIANTS, "default", "WHC_FORCE=2:0.3,4:0.3,5:0.3,7:0.3,8:0.3,10:0.3,11:0.3,12:0.3,14:0.3,"
+                       "15:0.3,16:0.3,18:0.3,19:0.3,20:0.3,21:0.3 ", "diagnostic: every expansion at 0.3, the budget "
+                       "spread evenly instead of allocated (about the default plan's MACs)"),
 }
 # The big model gets the cells that answer the questions; its peers' uniform rows add little.
 MODEL_CELLS = {"efficientnet_lite0": ["default", "whc", "whc+", "uniform-none", "uniform-bias", "uniform-lsq", "l2", "fpgm",
