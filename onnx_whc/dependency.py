@@ -596,6 +596,8 @@ def _gemm(t: _Tracer, node: gs.Node) -> None:
     if transposed or not isinstance(weight, gs.Constant) or weight.values.ndim != 2:
         return t.block(node, f"{node.op} with a transposed input or weights that are not a constant matrix")
     rank = t.rank(x)
+    if rank is None:
+        return t.block(node, f"{node.op} over an input of unknown rank")
     if rank != 2 and (node.op == "Gemm" or t.axis_of(x) != rank - 1):
         return t.block(node, f"{node.op} over an axis of its {rank}-D input that does not carry its channels")
     t.touch(node, atoms)
