@@ -280,14 +280,14 @@ def _conv(t: _Tracer, node: gs.Node) -> None:
     c_out, per_group_in = weight.values.shape[0], weight.values.shape[1]
     if atoms_in is None:
         return t.opaque(node, out, "Conv input of unknown shape")
+    if group > 1 and (c_out % group or len(atoms_in) != group * per_group_in):
+        return t.block(node, "grouped Conv with inconsistent channel counts", kind="conv")
     t.touch(node, atoms_in)
     t.readers.add(node.name)
     if group == 1:
         atoms = t.new_space("conv", node.name, c_out)
         t.producers.append(Producer(node, atoms, 0))
         return t.assign(node, out, atoms)
-    if c_out % group or len(atoms_in) != group * per_group_in:
-        return t.block(node, "grouped Conv with inconsistent channel counts", kind="conv")
     if per_group_in == 1:
         # Depthwise: each output channel follows one input channel; whole groups can go.
         atoms = np.repeat(atoms_in, c_out // group)
