@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import onnx_whc
-from onnx_whc.recovery.replay import run_model
+from onnx_whc.graph.runtime import run_model
 
 from .common import environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, load_split

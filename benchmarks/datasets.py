@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import functools
 from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 
-from onnx_whc.calibration import Preprocess, load_images
+from onnx_whc.data.calibration import Preprocess, load_images
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

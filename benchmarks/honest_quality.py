@@ -24,7 +24,7 @@ import numpy as np
 
 import onnx_whc
 from onnx_whc.api import QualityFloor
-from onnx_whc.calibration import Preprocess, preset_preprocess
+from onnx_whc.data.calibration import Preprocess, preset_preprocess
 
 from .common import RESULTS, SHARED, environment, environment_line, markdown_table, write_results
 from .datasets import accuracy, load_split, predict

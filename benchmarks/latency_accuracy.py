@@ -21,10 +21,19 @@ import numpy as np
 import onnx
 
 import onnx_whc
-from onnx_whc.speed_target import SpeedTarget
-from onnx_whc.validate import session, time_pair
+from onnx_whc.graph.runtime import session
+from onnx_whc.measure.validate import time_pair
+from onnx_whc.plan.speed_target import SpeedTarget
 
-from .common import RESULTS, cold_widths_cache, environment, environment_line, markdown_table, shared_model, write_results
+from .common import (
+    RESULTS,
+    cold_widths_cache,
+    environment,
+    environment_line,
+    markdown_table,
+    shared_model,
+    write_results,
+)
 from .datasets import accuracy, load_split
 
 # name -> (dataset, MACs budget)

@@ -4,7 +4,7 @@ For each model, `onnx_whc.prune(model, speed=SpeedTarget(X))` (no calibration da
 timing needs neither) at measured channel widths (the default with a speed target; a cold cache,
 then the same measurement again from the warm one), the same search at `--round-to 8`, and the
 plain `--ratio 0.4` with the default `--round-to 8`.
-Every pruned model is then timed again, apart from the search, by `onnx_whc.bench.compare`
+Every pruned model is then timed again, apart from the search, by `onnx_whc.reports.bench.compare`
 (batch 1, interleaved with the original, 50 runs after 5 warm-up runs), so the speedup in the table
 is not the one the search selected on. Writes benchmarks/results/latency_target.md and .json.
 
@@ -20,12 +20,12 @@ import time
 import onnx
 
 import onnx_whc
-from onnx_whc.bench import compare
-from onnx_whc.dependency import analyze_channels
 from onnx_whc.errors import UserInputError
-from onnx_whc.load import load
-from onnx_whc.speed_target import SpeedTarget
-from onnx_whc.widths import measure_widths
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.load import load
+from onnx_whc.plan.speed_target import SpeedTarget
+from onnx_whc.plan.widths import measure_widths
+from onnx_whc.reports.bench import compare
 
 from . import synthetic
 from .common import SHARED, cold_widths_cache, environment, environment_line, markdown_table, write_results

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import onnx_whc.allocate as allocate
-from onnx_whc.calibration import Preprocess, preset_preprocess
-from onnx_whc.channel_stats import channel_stats
+import onnx_whc.plan.allocate as allocate
+from onnx_whc.data.calibration import Preprocess, preset_preprocess
 from onnx_whc.pipeline import Pipeline
+from onnx_whc.plan.channel_stats import channel_stats
 
 from .common import SHARED, environment, environment_line, markdown_table, write_results
 from .honest_quality import LITE0, YOLO, _calib_folder

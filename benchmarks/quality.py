@@ -24,8 +24,15 @@ import numpy as np
 
 import onnx_whc
 
-from .common import SHARED_MODELS, environment, environment_line, markdown_table, parse_list, shared_model, \
-    write_results
+from .common import (
+    SHARED_MODELS,
+    environment,
+    environment_line,
+    markdown_table,
+    parse_list,
+    shared_model,
+    write_results,
+)
 from .datasets import accuracy, load_split, predict
 
 CRITERIA = ["whc", "l2", "l1", "fpgm", "random"]
@@ -194,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="eval images per model (default: the whole split)")
     parser.add_argument("--round-to", type=int, default=1, help="1: every ratio removes what it says")
     parser.add_argument("--recover", type=lambda s: parse_list(s, str), default=["none"],
-                        help="recovery methods to compare, e.g. none,lsq (see onnx_whc.recover)")
+                        help="recovery methods to compare, e.g. none,lsq (see onnx_whc.recovery.recover)")
     parser.add_argument("--calib", type=int, default=256, help="calibration images for recovery")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from onnx_whc.api import DEFAULT_ROUND_TO
-from onnx_whc.recover import RecoverySettings
+from onnx_whc.recovery.recover import RecoverySettings
 
 from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, forget_loaded, load_split

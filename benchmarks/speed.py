@@ -23,8 +23,9 @@ import onnxruntime as ort
 
 import onnx_whc
 from onnx_whc.api import DEFAULT_ROUND_TO
-from onnx_whc.bench import compare
-from onnx_whc.validate import random_inputs, time_pair
+from onnx_whc.graph.runtime import random_inputs
+from onnx_whc.measure.validate import time_pair
+from onnx_whc.reports.bench import compare
 
 from . import synthetic
 from .common import environment, environment_line, markdown_table, parse_list, shared_model, write_results

@@ -3,7 +3,7 @@
 Prunes the shared ResNet-56 (CIFAR-10) and EfficientNet-Lite0 with the default `--round-to`, and the
 synthetic ResNet-50 (224x224) and MobileNetV2 (`benchmarks.synthetic`) with several, at one ratio;
 validates each pruned model on the CUDA provider (`onnx_whc.prune(..., provider="cuda")`), then times
-original against pruned, interleaved run by run, twice: with `onnx_whc.bench.compare`, as
+original against pruned, interleaved run by run, twice: with `onnx_whc.reports.bench.compare`, as
 `onnx-whc bench --provider cuda` does (NumPy in, NumPy out: every timing includes the copy of the
 input to the GPU and of the outputs back), and with IO binding (input already on the GPU, outputs
 left there: the GPU work alone). Writes benchmarks/results/speed_cuda.md and speed_cuda.json.
@@ -31,8 +31,9 @@ import onnxruntime as ort
 
 import onnx_whc
 from onnx_whc.api import DEFAULT_ROUND_TO
-from onnx_whc.bench import compare
-from onnx_whc.validate import best_providers, cosine, random_inputs, session
+from onnx_whc.graph.runtime import best_providers, random_inputs, session
+from onnx_whc.measure.validate import cosine
+from onnx_whc.reports.bench import compare
 
 from . import synthetic
 from .common import SHARED, SHARED_MODELS, environment, environment_line, markdown_table, parse_list, write_results

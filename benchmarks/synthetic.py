@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnx_whc.storage import copy_fields
+from onnx_whc.graph.storage import copy_fields
 
 __all__ = [
     "resnet50",

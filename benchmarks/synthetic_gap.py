@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_whc.calibration import preset_preprocess
+from onnx_whc.data.calibration import preset_preprocess
 from onnx_whc.pipeline import Pipeline
-from onnx_whc.select import select
+from onnx_whc.plan.select import select
 
 from .common import RESULTS, environment, environment_line, markdown_table, shared_model, write_results
 from .datasets import accuracy, load_split

@@ -19,7 +19,6 @@ import os
 
 import numpy as np
 
-
 NAMES = ("WHC_PROBES", "WHC_DAMAGE", "WHC_RIDGE", "WHC_MIRROR", "WHC_FORCE", "WHC_SIGMOID_LOW")
 
 
@@ -29,10 +28,10 @@ def active() -> list[str]:
 
 
 def apply() -> None:
-    import onnx_whc.allocate as allocate
-    import onnx_whc.calibration as calibration
-    import onnx_whc.quality as quality
-    import onnx_whc.recover as recover
+    import onnx_whc.data.calibration as calibration
+    import onnx_whc.measure.quality as quality
+    import onnx_whc.plan.allocate as allocate
+    import onnx_whc.recovery.recover as recover
     from onnx_whc.recovery.lsq import ridge_fit
 
     env = os.environ

@@ -9,8 +9,8 @@
 
 __version__ = "0.1.0"
 
-from .api import QualityFloor, analyze, prune, save, sweep  # noqa: E402
+from .api import QualityFloor, Settings, analyze, prune, save, sweep  # noqa: E402
 from .errors import OnnxWhcError, UserInputError, ValidationError  # noqa: E402
-from .speed_target import SpeedTarget  # noqa: E402
+from .plan.speed_target import SpeedTarget  # noqa: E402
 
-__all__ = ["analyze", "prune", "sweep", "save", "QualityFloor", "SpeedTarget", "OnnxWhcError", "UserInputError", "ValidationError", "__version__"]
+__all__ = ["analyze", "prune", "sweep", "save", "Settings", "QualityFloor", "SpeedTarget", "OnnxWhcError", "UserInputError", "ValidationError", "__version__"]

@@ -9,25 +9,32 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration import load_labelled
-from .dependency import analyze_channels
+from .data.calibration import load_labelled
 from .errors import UserInputError, ValidationError
-from .load import load, read_model
-from .metrics import model_cost
+from .graph.dependency import analyze_channels
+from .graph.load import load, read_model
+from .graph.plan import PrunePlan
+from .graph.runtime import best_providers, run_model
+from .graph.storage import save
+from .measure.metrics import model_cost
+from .measure.quality import SYNTHETIC_CAVEAT
+from .measure.validate import validate as validate_models
 from .pipeline import Pipeline
-from .quality import SYNTHETIC_CAVEAT
-from .recover import RecoverySettings
-from .recovery.replay import run_model
-from .report import AnalysisReport, PruneReport, SweepReport, SweepRow, cost_dict, group_reports, validation_dict
-from .allocate import Allocation
-from .search import QualityFloor, SearchResult, search_budget
-from .select import PrunePlan
-from .speed_target import SpeedSearch, SpeedTarget
-from .storage import save
+from .plan.allocate import Allocation
+from .plan.search import QualityFloor, SearchResult, search_budget
+from .plan.speed_target import SpeedSearch, SpeedTarget
+from .plan.widths import MEASURED
 from .progress import progress_bar
-from .validate import best_providers
-from .validate import validate as validate_models
-from .widths import MEASURED
+from .settings import Settings
+from .reports.report import (
+    AnalysisReport,
+    PruneReport,
+    SweepReport,
+    SweepRow,
+    cost_dict,
+    group_reports,
+    validation_dict,
+)
 
 DEFAULT_RATIO = 0.4
 # Multiples of 8 keep ONNX Runtime's blocked CPU kernels (and GPU tensor cores) in use: ResNet-50 at
@@ -78,62 +85,43 @@ class _Clock:
         return {**self.seconds, "total": round(time.perf_counter() - self.start, 4)}
 
 
-def prune(
-    model,
-    ratio: float | None = None,
-    criterion: str = "auto",
-    exclude: tuple[str, ...] = (),
-    round_to: int | str | None = None,
-    seed: int = 0,
-    validate: bool = True,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    provider: str | None = None,
-    progress: bool = False,
-    target_macs: float | None = None,
-    recover: str = "auto",
-    calib=None,
-    calib_size: int | None = None,
-    preprocess=None,
-    allocate: bool | None = None,
-    recovery_settings: RecoverySettings | None = None,
-    floor: QualityFloor | None = None,
-    synthetic: bool = True,
-    eval_set=None,
-    speed: SpeedTarget | None = None,
-) -> tuple[onnx.ModelProto, PruneReport]:
+def prune(model, ratio: float | None = None, *, settings: Settings | None = None,
+          **options) -> tuple[onnx.ModelProto, PruneReport]:
     """Remove floor(ratio * N) channels from every prunable group; return the model and a report.
 
-    `model` is a path or a ModelProto (never modified). `ratio` defaults to 0.4; `target_macs=F`
-    instead picks the smallest ratio whose model keeps at most a fraction F of the MACs.
+    `model` is a path or a ModelProto (never modified). Every option is a field of `Settings`, given
+    as `settings` or by name (`prune(m, ratio=0.4, calib="calib/")`); names override `settings`.
+    `ratio` defaults to 0.4; `target_macs=F` instead picks the smallest ratio whose model keeps at
+    most a fraction F of the MACs.
 
     `calib` is a folder of images, an .npy, an .npz or arrays keyed by input name (`calib_size`
     samples, `preprocess` a `calibration.Preprocess`). Without it, an image model gets built-in
     synthetic dead-leaves images, refined by model inversion where it is a classifier of 64 px or
     more (`synthetic=False` turns them off). With data, `allocate`
     (default on) spends the MACs budget per group where it costs the least, and recovery
-    (`recover`: auto, none, bias, stats, lsq; see `onnx_whc.recover`) refits the changed layers.
-    Quality (`onnx_whc.quality`) is measured on held-out samples. `floor` (a `QualityFloor`)
+    (`recover`: auto, none, bias, stats, lsq; see `onnx_whc.recovery.recover`) refits the changed layers.
+    Quality (`onnx_whc.measure.quality`) is measured on held-out samples. `floor` (a `QualityFloor`)
     prunes as far as the recovered model keeps that quality, searching the allocator's path.
     `eval_set` (a labelled image folder or CSV) adds top-1 before and after. `speed` (a
     `SpeedTarget`) prunes until the model is measured that much faster on `provider`.
 
     `round_to` makes kept counts multiples of it, or with "measured" the widths at which each
-    group's layers are timed faster on `provider` (`onnx_whc.widths`); the default is 8, and
+    group's layers are timed faster on `provider` (`onnx_whc.plan.widths`); the default is 8, and
     measured widths with a speed target.
     """
-    ratio, target_macs = _check_budget(ratio, target_macs, floor, speed)
-    round_to = _check_round_to(round_to, speed)
-    if validate:
-        best_providers(provider)  # a wrong --provider fails now, not after the pruning
+    s = (settings or Settings()).but(**options, **({} if ratio is None else {"ratio": ratio}))
+    ratio, target_macs = _check_budget(s.ratio, s.target_macs, s.floor, s.speed)
+    round_to = _check_round_to(s.round_to, s.speed)
+    if s.validate:
+        best_providers(s.provider)  # a wrong --provider fails now, not after the pruning
     clock = _Clock()
     with clock("analyzed"):
-        run = Pipeline(model, input_shapes, calib, calib_size, preprocess, seed, synthetic, recover, criterion,
-                       allocate, exclude, round_to, recovery_settings, progress,
-                       measure=validate or bool(floor) or eval_set is not None or speed is not None,
-                       needs_data=bool(floor), provider=provider, speed=speed)
-        labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
+        run = Pipeline(model, s, round_to,
+                       measure=s.validate or bool(s.floor) or s.eval_set is not None or s.speed is not None,
+                       needs_data=bool(s.floor))
+        labelled = Labelled(s.eval_set, run, s.preprocess) if s.eval_set is not None else None
     with clock("selected"):
-        choice = _choose(run, ratio, target_macs, floor, speed, provider, progress)
+        choice = _choose(run, ratio, target_macs)
     # read before the last plan prunes the loaded graph in place
     groups = group_reports(run.analysis, run.loaded.shapes, run.before.macs, run.loaded.graph, choice.plan)
     with clock("pruned"):
@@ -144,10 +132,10 @@ def prune(
             original_ms, pruned_ms = choice.speed.timer.measure(pruned)
         report.speed = {**choice.speed.to_dict(), "final_speedup": round(original_ms / pruned_ms, 3),
                         "final_ms": round(pruned_ms, 3)}
-    if validate and choice.plan.removed_channels:  # an unchanged model needs no checking
+    if s.validate and choice.plan.removed_channels:  # an unchanged model needs no checking
         with clock("validated"):
             report.validation = validation_dict(validate_models(run.original, pruned, run.loaded.input_shapes,
-                                                                provider=provider))
+                                                                provider=s.provider))
     if run.probe is not None and choice.plan.removed_channels:
         with clock("measured"):
             _add_quality(report, run, pruned)
@@ -205,13 +193,14 @@ def _add_quality(report: PruneReport, run: Pipeline, pruned: onnx.ModelProto) ->
         report.caveat = SYNTHETIC_CAVEAT
 
 
-def _choose(run: Pipeline, ratio, target_macs, floor, speed, provider, progress: bool) -> _Choice:
-    if speed is not None:
-        found = run.speed_search(speed, provider)
+def _choose(run: Pipeline, ratio, target_macs) -> _Choice:
+    s = run.settings
+    if s.speed is not None:
+        found = run.speed_search()
         return _Choice(found.plan, found.allocation, None, None, speed=found)
-    if floor:
-        found = search_budget(run.allocator, run.analysis, run.recovered, run.probe, floor,
-                              progress_bar(progress, "searching the budget"))
+    if s.floor:
+        found = search_budget(run.allocator, run.analysis, run.recovered, run.probe, s.floor,
+                              progress_bar(s.progress, "searching the budget"))
         return _Choice(found.plan, found.allocation, None, found.macs_kept, search=found)
     plan, allocation, ratio = run.plan(ratio, target_macs)
     return _Choice(plan, allocation, ratio, target_macs)
@@ -250,30 +239,26 @@ def _check_budget(ratio, target_macs, floor, speed=None) -> tuple[float | None, 
     return _check_ratio(DEFAULT_RATIO if ratio is None else ratio), None
 
 
-def sweep(model, budgets, criterion: str = "auto", exclude: tuple[str, ...] = (), round_to: int | str | None = None,
-          seed: int = 0, input_shapes=None, provider: str | None = None, progress: bool = False,
-          recover: str = "auto", calib=None, calib_size: int | None = None, preprocess=None,
-          allocate: bool | None = None, recovery_settings: RecoverySettings | None = None,
-          synthetic: bool = True, eval_set=None) -> SweepReport:
+def sweep(model, budgets, *, settings: Settings | None = None, **options) -> SweepReport:
     """Prune at every MACs budget in `budgets` from one analysis; measure each (quality, latency, top-1).
 
-    `eval_set` is a labelled image folder or CSV (`calibration.load_labelled`) for top-1.
+    Options are `Settings` fields, as for `prune` (the budget ones aside). `eval_set` is a labelled
+    image folder or CSV (`calibration.load_labelled`) for top-1.
     """
+    s = (settings or Settings()).but(**options)
     budgets = [_check_number(b, "--budgets", "(0, 1]") for b in budgets]
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise UserInputError("--budgets must be shares of the MACs in (0, 1], e.g. 0.9,0.8,0.7")
-    best_providers(provider)
-    run = Pipeline(model, input_shapes, calib, calib_size, preprocess, seed, synthetic, recover, criterion,
-                   allocate, exclude, _check_round_to(round_to, None), recovery_settings, progress, measure=True,
-                   provider=provider)
-    labelled = Labelled(eval_set, run, preprocess) if eval_set is not None else None
+    best_providers(s.provider)
+    run = Pipeline(model, s, _check_round_to(s.round_to, None), measure=True)
+    labelled = Labelled(s.eval_set, run, s.preprocess) if s.eval_set is not None else None
     rows = []
-    for budget in progress_bar(progress, "sweeping budgets")(sorted(budgets, reverse=True)):
+    for budget in progress_bar(s.progress, "sweeping budgets")(sorted(budgets, reverse=True)):
         start = time.perf_counter()
         plan, _, _ = run.plan(None, budget)
         pruned, _, cost = run.recovered(plan)
         quality = run.probe.measure(pruned)
-        timing = validate_models(run.original, pruned, run.loaded.input_shapes, provider=provider)
+        timing = validate_models(run.original, pruned, run.loaded.input_shapes, provider=s.provider)
         rows.append(SweepRow(budget, cost.macs / run.before.macs, timing.latency_ms_before, timing.latency_ms_after,
                              quality.to_dict(), labelled.top1(pruned) if labelled else None,
                              round(time.perf_counter() - start, 2)))
@@ -297,4 +282,4 @@ class Labelled:
         return float(np.mean(scores.argmax(self.axis) == self.labels))
 
 
-__all__ = ["analyze", "prune", "sweep", "save", "read_model"]
+__all__ = ["analyze", "prune", "sweep", "save", "read_model", "Settings", "QualityFloor", "SpeedTarget"]

@@ -12,16 +12,16 @@ import sys
 import click
 
 from . import __version__
-from .api import DEFAULT_ROUND_TO, QualityFloor, SpeedTarget
+from .api import DEFAULT_ROUND_TO, QualityFloor, Settings, SpeedTarget
 from .api import analyze as analyze_model
 from .api import prune as prune_model
 from .api import sweep as sweep_model
-from .bench import compare, parse_batches
-from .calibration import PRESETS, preset_preprocess
+from .data.calibration import PRESETS, preset_preprocess
 from .errors import OnnxWhcError, UserInputError
+from .graph.storage import check_writable, copy_unchanged, external_data_files, same_file, save
 from .pipeline import CRITERION_NAMES
-from .recover import METHODS, RecoverySettings
-from .storage import check_writable, copy_unchanged, external_data_files, same_file, save
+from .recovery.recover import METHODS, RecoverySettings
+from .reports.bench import compare, parse_batches
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -179,16 +179,12 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
     for option, path in (("-o", output), ("--report", report_path)):
         if path:
             check_writable(option, path)  # before the work, not after it
-    shapes = parse_input_shapes(input_shape)
-    pruned, report = prune_model(model, ratio=ratio, target_macs=target_macs, criterion=criterion, exclude=exclude,
-                                 round_to=round_to, seed=seed, validate=not no_validate, input_shapes=shapes,
-                                 provider=provider, progress=True, recover=recover, calib=calib, calib_size=calib_size,
-                                 allocate=allocate, synthetic=synthetic, eval_set=eval_set,
-                                 preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout),
-                                 recovery_settings=RecoverySettings(samples=recover_samples),
-                                 floor=QualityFloor(min_agreement, min_r2),
-                                 speed=None if target_speedup is None and target_latency is None else
-                                 SpeedTarget(target_speedup, target_latency, batch, threads))
+    settings = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
+                         crop, layout, eval_set, recover, allocate, recover_samples, criterion, exclude, round_to).but(
+        ratio=ratio, target_macs=target_macs, validate=not no_validate, floor=QualityFloor(min_agreement, min_r2),
+        speed=None if target_speedup is None and target_latency is None else
+        SpeedTarget(target_speedup, target_latency, batch, threads))
+    pruned, report = prune_model(model, settings=settings)
     removed = report.removed_channels
     click.echo(report.summary())
     for line in (report.warning, report.caveat):
@@ -227,12 +223,9 @@ def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, 
     """Prune at several MACs budgets and tabulate quality, latency and top-1, with a plot."""
     for suffix in (".md", ".json", ".png"):
         check_writable("-o", prefix + suffix)
-    result = sweep_model(model, [b for b in budgets.split(",") if b.strip()], criterion=criterion, exclude=exclude,
-                         round_to=round_to, seed=seed, input_shapes=parse_input_shapes(input_shape),
-                         provider=provider, progress=True, recover=recover, calib=calib, calib_size=calib_size,
-                         preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout), allocate=allocate,
-                         recovery_settings=RecoverySettings(samples=recover_samples), synthetic=synthetic,
-                         eval_set=eval_set)
+    settings = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
+                         crop, layout, eval_set, recover, allocate, recover_samples, criterion, exclude, round_to)
+    result = sweep_model(model, [b for b in budgets.split(",") if b.strip()], settings=settings)
     markdown = result.to_markdown()
     click.echo(markdown)
     _write_text(prefix + ".md", markdown, "-o")
@@ -240,6 +233,16 @@ def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, 
     result.plot(prefix + ".png.tmp")  # written whole, then moved into place
     os.replace(prefix + ".png.tmp", prefix + ".png")
     click.echo(f"wrote {prefix}.md, {prefix}.json and {prefix}.png")
+
+
+def _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop, layout,
+              eval_set, recover, allocate, recover_samples, criterion, exclude, round_to) -> Settings:
+    """The options `prune` and `sweep` share, as the one settings object the API reads."""
+    return Settings(criterion=criterion, exclude=exclude, round_to=round_to, seed=seed,
+                    input_shapes=parse_input_shapes(input_shape), calib=calib, calib_size=calib_size,
+                    preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout), synthetic=synthetic,
+                    eval_set=eval_set, recover=recover, allocate=allocate,
+                    recovery_settings=RecoverySettings(samples=recover_samples), provider=provider, progress=True)
 
 
 def _preprocess(preset, mean, std, resize, crop, layout):

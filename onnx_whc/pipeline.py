@@ -12,25 +12,26 @@ import dataclasses
 import numpy as np
 import onnx
 
-from . import recover as recovery
-from .allocate import Allocator, allocated_plan
-from .budget import MAX_UNIFORM_RATIO, MacsEstimator, fit_ratio
-from .calibration import make_calibration, synthetic_calibration
-from .channel_stats import channel_stats
-from .criteria import CRITERIA
-from .dependency import analyze_channels
-from .equivalence import export, release_weights
+from .data.calibration import make_calibration, synthetic_calibration
 from .errors import UserInputError
-from .load import LoadedModel, infer_static_shapes, load, return_freed_memory
-from .metrics import Cost, model_cost
+from .graph.dependency import analyze_channels
+from .graph.equivalence import export, release_weights
+from .graph.load import LoadedModel, infer_static_shapes, load, return_freed_memory
+from .graph.plan import PrunePlan
+from .graph.runtime import best_providers, samples_per_run
+from .graph.surgery import apply_plan
+from .measure.metrics import Cost, model_cost
+from .measure.quality import QualityProbe
+from .plan.allocate import Allocator, allocated_plan
+from .plan.budget import MAX_UNIFORM_RATIO, MacsEstimator, fit_ratio
+from .plan.channel_stats import channel_stats
+from .plan.criteria import CRITERIA
+from .plan.select import CONSUMER_AWARE, DATA_AWARE, consumer_aware_importance, energy_importance, select
+from .plan.speed_target import SpeedSearch, Timer, search_speed
+from .plan.widths import MEASURED, measure_widths
 from .progress import progress_bar
-from .quality import QualityProbe
-from .recovery.replay import samples_per_run
-from .speed_target import SpeedSearch, SpeedTarget, Timer, search_speed
-from .select import CONSUMER_AWARE, DATA_AWARE, PrunePlan, consumer_aware_importance, energy_importance, select
-from .surgery import apply_plan
-from .validate import best_providers
-from .widths import MEASURED, measure_widths
+from .recovery import recover as recovery
+from .settings import Settings
 
 CRITERION_NAMES = ("auto", *CRITERIA, *CONSUMER_AWARE, *DATA_AWARE)
 
@@ -52,57 +53,55 @@ class Pipeline:
 
     `measure` asks for a quality probe even without recovery; `needs_data` makes missing
     calibration data an error (the accuracy-aware search cannot run without it). `round_to`
-    "measured" times each group's widths on `provider` (at the batch and threads of `speed`, if
-    given); with a `speed` target the allocator then spends the budget per millisecond saved.
+    "measured" times each group's widths on the provider (at the batch and threads of the speed
+    target, if any); with a speed target the allocator then spends the budget per millisecond saved.
     """
 
-    def __init__(self, model, input_shapes, calib, calib_size, preprocess, seed: int, synthetic: bool,
-                 recover: str, criterion: str, allocate: bool | None, exclude, round_to: int | str,
-                 recovery_settings, progress: bool, measure: bool, needs_data: bool = False,
-                 provider: str | None = None, speed: SpeedTarget | None = None):
-        self.progress = progress
-        self.loaded = load(model, input_shapes)
+    def __init__(self, model, settings: Settings, round_to: int | str, measure: bool, needs_data: bool = False):
+        s = self.settings = settings
+        self.progress = s.progress
+        self.loaded = load(model, s.input_shapes)
         return_freed_memory()
         self.analysis = analyze_channels(self.loaded)
         self.widths = None
+        speed = s.speed
         if round_to == MEASURED:  # before calibration: a failing provider fails early
-            self.widths = measure_widths(self.loaded, self.analysis, best_providers(provider),
+            self.widths = measure_widths(self.loaded, self.analysis, best_providers(s.provider),
                                          speed.threads if speed else None, speed.batch if speed else 1,
-                                         progress=progress_bar(progress, "timing channel widths"))
+                                         progress=progress_bar(s.progress, "timing channel widths"))
             round_to = self.widths
         self.before = model_cost(self.loaded.graph, self.loaded.shapes)
         self.input_types = {t.name: np.dtype(t.dtype or np.float32) for t in self.loaded.graph.inputs
                             if t.name in self.loaded.input_shapes}
         # Synthetic images are refined by inverting the model, unless they will only measure quality.
-        fitted = recover != "none" or needs_data or bool(allocate)
+        fitted = s.recover != "none" or needs_data or bool(s.allocate)
         wanted = fitted or measure  # else synthetic images go unused
-        original = export(self.loaded.graph.copy(), self.loaded) if calib is None and synthetic and fitted else None
-        self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, calib, calib_size,
-                                                 preprocess, seed, synthetic, wanted, original, self.before.macs,
-                                                 progress_bar(progress, "refining synthetic images"))
-        self.method = recovery.resolve_method(recover, self.calibration is not None)
+        original = export(self.loaded.graph.copy(), self.loaded) if s.calib is None and s.synthetic and fitted else None
+        self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, s, wanted, original,
+                                                 self.before.macs, progress_bar(s.progress, "refining synthetic images"))
+        self.method = recovery.resolve_method(s.recover, self.calibration is not None)
         data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
-        allocate = data_driven or needs_data if allocate is None else allocate
+        allocate = data_driven or needs_data if s.allocate is None else s.allocate
         if (allocate or needs_data) and self.calibration is None:
             what = "--allocate" if allocate else "--min-agreement/--min-r2"
             raise UserInputError(f"{what} needs calibration data: give --calib ({no_data})")
         self.data_described = self.calibration.source if self.calibration else f"none ({no_data})"
-        self.criterion = resolve_criterion(criterion, data_driven)
+        self.criterion = resolve_criterion(s.criterion, data_driven)
         stats = None
         if allocate or self.criterion in DATA_AWARE:
             stats = channel_stats(self.loaded, self.analysis, self.calibration.fit)
-        self.select_args = dict(criterion=self.criterion, round_to=round_to, exclude=tuple(exclude), seed=seed,
-                                importance=_importance(self.criterion, self.analysis, self.loaded, stats, seed))
+        self.select_args = dict(criterion=self.criterion, round_to=round_to, exclude=tuple(s.exclude), seed=s.seed,
+                                importance=_importance(self.criterion, self.analysis, self.loaded, stats, s.seed))
         measure = measure or self.method != "none"
         self.original = (original or export(self.loaded.graph.copy(), self.loaded)) if measure else None
         self.chunk = samples_per_run(self.original, self.loaded.shapes) if measure else 1
         self.probe = _quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
-                                    self.input_types, self.chunk, seed) if measure else None
+                                    self.input_types, self.chunk, s.seed) if measure else None
         self.allocator = Allocator(self.loaded, self.analysis, self.calibration.fit, self.select_args, stats,
-                                   progress=progress_bar(progress, "measuring group sensitivity"),
+                                   progress=progress_bar(s.progress, "measuring group sensitivity"),
                                    latency=self.widths if speed else None) if allocate else None
-        self.settings = recovery.RecoverySettings(**{**vars(recovery_settings or recovery.RecoverySettings()),
-                                                     "method": self.method, "seed": seed})
+        self.recovery_settings = recovery.RecoverySettings(
+            **{**vars(s.recovery_settings or recovery.RecoverySettings()), "method": self.method, "seed": s.seed})
 
     def plan(self, ratio: float | None, target_macs: float | None):
         """(plan, allocation or None, the uniform ratio or None) for a ratio or a MACs budget."""
@@ -117,8 +116,8 @@ class Pipeline:
                         progress=progress_bar(self.progress, "fitting the MACs budget"))
         return fit.plan, None, fit.ratio
 
-    def speed_search(self, target: SpeedTarget, provider: str | None) -> SpeedSearch:
-        """The mildest plan measured to meet a latency target (`speed_target`), before recovery."""
+    def speed_search(self) -> SpeedSearch:
+        """The mildest plan measured to meet the latency target (`speed_target`), before recovery."""
         estimator = MacsEstimator(self.loaded, self.analysis)
         if self.allocator is not None:
             smallest = self.allocator.smallest
@@ -129,7 +128,7 @@ class Pipeline:
             plan, allocation, _ = self.plan(None, max(budget, smallest))
             return plan, allocation, estimator.kept(plan)
 
-        timer = Timer(self.original, self.loaded.input_shapes, target, provider)
+        timer = Timer(self.original, self.loaded.input_shapes, self.settings.speed, self.settings.provider)
         return search_speed(plan_for, lambda plan: prune_copy(self.loaded, self.analysis, plan)[0], smallest, timer,
                             progress_bar(self.progress, f"measuring plans on {timer.provider}"))
 
@@ -144,7 +143,7 @@ class Pipeline:
         pruned, cost = prune_copy(self.loaded, self.analysis, plan, in_place)
         keep = lambda name: self.analysis.keep_mask(name, plan.removed_roots)  # noqa: E731
         pruned, report = recovery.recover(self.original, pruned, keep, self.calibration, self.probe, self.chunk,
-                                          self.settings, self.loaded.shapes,
+                                          self.recovery_settings, self.loaded.shapes,
                                           progress_bar(self.progress and in_place, f"recovering ({self.method})"))
         return pruned, report, cost
 
@@ -163,17 +162,18 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
     return model, cost
 
 
-def _calibration(input_shapes, types, calib, size, preprocess, seed, synthetic: bool, wanted: bool,
-                 original: onnx.ModelProto | None, macs: int, progress):
+def _calibration(input_shapes, types, s: Settings, wanted: bool, original: onnx.ModelProto | None, macs: int,
+                 progress):
     """(the Calibration, or None and why there is none); synthetic images only when `wanted`,
     refined by inverting `original` when it is given."""
-    if calib is not None:
-        return make_calibration(calib, input_shapes, types, size, preprocess, seed), ""
-    if not synthetic:
+    if s.calib is not None:
+        return make_calibration(s.calib, input_shapes, types, s.calib_size, s.preprocess, s.seed), ""
+    if not s.synthetic:
         return None, "no --calib, and --no-synthetic"
     if not wanted:
         return None, "none needed: no recovery and no validation"
-    return synthetic_calibration(input_shapes, types, preprocess, seed, model=original, macs=macs, progress=progress)
+    return synthetic_calibration(input_shapes, types, s.preprocess, s.seed, model=original, macs=macs,
+                                 progress=progress)
 
 
 def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int):

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_whc.dependency import analyze_channels
-from onnx_whc.equivalence import export, zeroed_reference
-from onnx_whc.load import load
-from onnx_whc.select import select
-from onnx_whc.surgery import apply_plan
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.equivalence import export, zeroed_reference
+from onnx_whc.graph.load import load
+from onnx_whc.graph.surgery import apply_plan
+from onnx_whc.plan.select import select
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

@@ -10,15 +10,15 @@ import pytest
 from click.testing import CliRunner
 
 from onnx_whc import api
-from onnx_whc.bench import compare
-from onnx_whc.budget import MacsEstimator, fit_ratio
 from onnx_whc.cli import main
-from onnx_whc.dependency import analyze_channels
 from onnx_whc.errors import UserInputError
-from onnx_whc.load import infer_static_shapes, load
-from onnx_whc.metrics import model_cost
-from onnx_whc.select import select
-from onnx_whc.surgery import apply_plan
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.load import infer_static_shapes, load
+from onnx_whc.graph.surgery import apply_plan
+from onnx_whc.measure.metrics import model_cost
+from onnx_whc.plan.budget import MacsEstimator, fit_ratio
+from onnx_whc.plan.select import select
+from onnx_whc.reports.bench import compare
 
 from .builder import GraphBuilder
 
@@ -214,7 +214,7 @@ def test_target_macs_with_the_default_rounding_still_meets_the_budget():
 
 
 def test_cli_bench_unavailable_provider_is_a_usage_error(pair):
-    from onnx_whc.validate import cuda_works
+    from onnx_whc.graph.runtime import cuda_works
 
     if cuda_works():
         pytest.skip("CUDA works here: nothing to refuse")
@@ -225,19 +225,19 @@ def test_cli_bench_unavailable_provider_is_a_usage_error(pair):
 
 def test_cuda_probe_loads_pip_cuda_libraries_before_giving_up(monkeypatch):
     """With CUDA from pip's nvidia-* packages the provider loads only after onnxruntime.preload_dlls()."""
-    from onnx_whc import validate
+    from onnx_whc.graph import runtime
 
     loaded = []
-    monkeypatch.setattr(validate.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
                                                                           "CPUExecutionProvider"])
-    monkeypatch.setattr(validate.ort, "preload_dlls", lambda: loaded.append(True) or print("Failed to load x"),
+    monkeypatch.setattr(runtime.ort, "preload_dlls", lambda: loaded.append(True) or print("Failed to load x"),
                         raising=False)
-    monkeypatch.setattr(validate, "_cuda_session_loads", lambda: bool(loaded))
-    validate.cuda_works.cache_clear()
+    monkeypatch.setattr(runtime, "_cuda_session_loads", lambda: bool(loaded))
+    runtime.cuda_works.cache_clear()
     try:
-        assert validate.cuda_works() and loaded == [True]
-        validate.cuda_works.cache_clear()
-        monkeypatch.setattr(validate, "_cuda_session_loads", lambda: False)
-        assert not validate.cuda_works()  # still no CUDA: CPU
+        assert runtime.cuda_works() and loaded == [True]
+        runtime.cuda_works.cache_clear()
+        monkeypatch.setattr(runtime, "_cuda_session_loads", lambda: False)
+        assert not runtime.cuda_works()  # still no CUDA: CPU
     finally:
-        validate.cuda_works.cache_clear()
+        runtime.cuda_works.cache_clear()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnx_whc.calibration import Preprocess, load_calibration
+from onnx_whc.data.calibration import Preprocess, load_calibration
 from onnx_whc.errors import UserInputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

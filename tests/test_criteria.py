@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from onnx_whc.criteria import CRITERIA, fpgm, l1, l2, random, whc
+from onnx_whc.plan.criteria import CRITERIA, fpgm, l1, l2, random, whc
 
 SQRT2 = math.sqrt(2)
 

@@ -199,7 +199,7 @@ def test_external_data_outside_the_model_folder(tmp_path, how):
 def test_onnx_refusing_external_data_is_bad_input(tmp_path, how, monkeypatch):
     """Should onnx refuse a location our own check lets through, its refusal is still one line, exit 2."""
     path, data, location = external_outside(tmp_path, how)
-    monkeypatch.setattr("onnx_whc.storage.external_location_problem", lambda folder, location: None)
+    monkeypatch.setattr("onnx_whc.graph.storage.external_location_problem", lambda folder, location: None)
     line = error_line(cli("prune", path), 2)
     assert line.startswith(f"error: {path}: onnx refuses to read its external data (")
     assert location in line
@@ -211,12 +211,12 @@ def test_external_data_files_skips_locations_outside(tmp_path, location):
     path = tmp_path / "m.onnx"
     onnx.save(small_net().model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
               location="w.bin", size_threshold=0)
-    assert onnx_whc.storage.external_data_files(str(path)) == [str(tmp_path / "w.bin")]
+    assert onnx_whc.graph.storage.external_data_files(str(path)) == [str(tmp_path / "w.bin")]
     model = onnx.load(path, load_external_data=False)
     tensor = next(t for t in model.graph.initializer if onnx.external_data_helper.uses_external_data(t))
     next(e for e in tensor.external_data if e.key == "location").value = location
     onnx.save(model, path)
-    assert onnx_whc.storage.external_data_files(str(path)) == [str(tmp_path / "w.bin")]  # the other tensors'
+    assert onnx_whc.graph.storage.external_data_files(str(path)) == [str(tmp_path / "w.bin")]  # the other tensors'
     line = error_line(cli("prune", path, "-o", tmp_path / "out.onnx"), 2)
     assert line.startswith(f"error: {path}: ")
 
@@ -581,7 +581,7 @@ def test_interrupted_save_keeps_existing_output(tmp_path, model_path, monkeypatc
 
 def lower_proto_limit(monkeypatch, limit: int = 1000) -> None:
     """Make every stage treat a small model as one over protobuf's 2 GB."""
-    for name in ("onnx_whc.storage.PROTO_LIMIT",):
+    for name in ("onnx_whc.graph.storage.PROTO_LIMIT",):
         monkeypatch.setattr(name, limit)
 
 

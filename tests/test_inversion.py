@@ -7,10 +7,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnx_whc.calibration import (INVERSION_MACS, INVERSION_VALUE_MACS, augmented, normalize, preset_preprocess,
-                                  synthetic_calibration)
-from onnx_whc.deadleaves import dead_leaves
-from onnx_whc.inversion import InversionSettings, NotInvertible, gradient_model, inversion_targets, refine
+from onnx_whc.data.calibration import (
+    INVERSION_MACS,
+    INVERSION_VALUE_MACS,
+    augmented,
+    normalize,
+    preset_preprocess,
+    synthetic_calibration,
+)
+from onnx_whc.data.deadleaves import dead_leaves
+from onnx_whc.data.inversion import InversionSettings, NotInvertible, gradient_model, inversion_targets, refine
 
 from .builder import GraphBuilder
 

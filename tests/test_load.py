@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from onnx_whc.load import load
+from onnx_whc.graph.load import load
 
 from .builder import GraphBuilder
 from .oracle import prune_and_compare
@@ -203,9 +203,9 @@ def test_dynamic_image_size_is_measured_at_the_default_and_stays_dynamic():
     dims = pruned.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == ["N", "", "H", "W"]
     # Analysis never fixed H and W: the pruned model computes what the zeroed original does at other sizes.
-    from onnx_whc.dependency import analyze_channels
-    from onnx_whc.equivalence import zeroed_reference
-    from onnx_whc.select import select
+    from onnx_whc.graph.dependency import analyze_channels
+    from onnx_whc.graph.equivalence import zeroed_reference
+    from onnx_whc.plan.select import select
     loaded = load(model)
     analysis = analyze_channels(loaded)
     reference = zeroed_reference(loaded, analysis, select(analysis, 0.5).removed_roots)

@@ -15,8 +15,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_whc.api import analyze
-from onnx_whc.dependency import analyze_channels
-from onnx_whc.load import load
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.load import load
 
 from .builder import GraphBuilder
 from .oracle import prune_and_compare

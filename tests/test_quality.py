@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from onnx_whc.api import QualityFloor, prune
-from onnx_whc.calibration import Calibration, preset_preprocess, synthetic_calibration
-from onnx_whc.deadleaves import dead_leaves
+from onnx_whc.data.calibration import Calibration, preset_preprocess, synthetic_calibration
+from onnx_whc.data.deadleaves import dead_leaves
 from onnx_whc.errors import UserInputError
-from onnx_whc.quality import OutputKind, QualityProbe, compare, damage, output_kinds
+from onnx_whc.measure.quality import OutputKind, QualityProbe, compare, damage, output_kinds
 
 from .builder import GraphBuilder
 
@@ -191,7 +191,7 @@ def test_sweep_writes_a_table_json_and_plot_with_top1(tmp_path):
 def test_labelled_csv_skips_calibration_rows(tmp_path):
     from PIL import Image
 
-    from onnx_whc.calibration import load_labelled
+    from onnx_whc.data.calibration import load_labelled
 
     for i, image in enumerate(dead_leaves(4, 16, 16, seed=1)):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
@@ -207,7 +207,7 @@ def test_labelled_csv_skips_calibration_rows(tmp_path):
 def test_yolo_preset_letterboxes_instead_of_stretching(tmp_path):
     from PIL import Image
 
-    from onnx_whc.calibration import load_images
+    from onnx_whc.data.calibration import load_images
 
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "wide.png")
     batch = load_images([tmp_path / "wide.png"], preset_preprocess("yolo"), (32, 32))

@@ -10,24 +10,25 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from onnx_whc.allocate import Allocator, allocated_plan
 from onnx_whc.api import prune
-from onnx_whc.channel_stats import channel_stats
 from onnx_whc.cli import main
-from onnx_whc.dependency import analyze_channels
-from onnx_whc.equivalence import export
+from onnx_whc.data.calibration import Calibration
 from onnx_whc.errors import UserInputError
-from onnx_whc.load import infer_static_shapes, load
-from onnx_whc.metrics import model_cost
-from onnx_whc.calibration import Calibration
-from onnx_whc.quality import QualityProbe
-from onnx_whc.recover import RecoverySettings
-from onnx_whc.recover import recover as recover_stage
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.equivalence import export
+from onnx_whc.graph.load import infer_static_shapes, load
+from onnx_whc.graph.runtime import run_model
+from onnx_whc.graph.surgery import apply_plan
+from onnx_whc.measure.metrics import model_cost
+from onnx_whc.measure.quality import QualityProbe
+from onnx_whc.measure.validate import cosine
+from onnx_whc.plan.allocate import Allocator, allocated_plan
+from onnx_whc.plan.channel_stats import channel_stats
+from onnx_whc.plan.select import consumer_aware_importance, select
 from onnx_whc.recovery.layers import ConvGeometry, Sample, find_layers, patches
-from onnx_whc.recovery.replay import Replay, run_model
-from onnx_whc.select import consumer_aware_importance, select
-from onnx_whc.surgery import apply_plan
-from onnx_whc.validate import cosine
+from onnx_whc.recovery.recover import RecoverySettings
+from onnx_whc.recovery.recover import recover as recover_stage
+from onnx_whc.recovery.replay import Replay
 
 from .builder import GraphBuilder
 

@@ -4,10 +4,10 @@ cached run of the whole: every probe must measure exactly what the whole masked 
 import numpy as np
 import pytest
 
-import onnx_whc.allocate as allocate
-from onnx_whc.allocate import MaskedModel
-from onnx_whc.dependency import analyze_channels
-from onnx_whc.load import load
+import onnx_whc.plan.allocate as allocate
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.load import load
+from onnx_whc.plan.allocate import MaskedModel
 
 from .builder import GraphBuilder
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_whc.dependency import analyze_channels
 from onnx_whc.errors import UserInputError
-from onnx_whc.load import load
-from onnx_whc.select import channels_to_keep, select
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.load import load
+from onnx_whc.plan.select import channels_to_keep, select
 
 from .builder import GraphBuilder
 from .test_patterns import option_a_block

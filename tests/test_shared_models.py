@@ -25,10 +25,10 @@ def test_the_allocators_masked_model_builds_and_runs(name):
     whole masked model and on the segment the allocator runs: cheap, and what an allocation runs first."""
     import numpy as np
 
-    from onnx_whc.allocate import MaskedModel
-    from onnx_whc.channel_stats import channel_stats
-    from onnx_whc.dependency import analyze_channels
-    from onnx_whc.load import load
+    from onnx_whc.graph.dependency import analyze_channels
+    from onnx_whc.graph.load import load
+    from onnx_whc.plan.allocate import MaskedModel
+    from onnx_whc.plan.channel_stats import channel_stats
 
     loaded = load(shared_model(name))
     analysis = analyze_channels(loaded)

@@ -7,7 +7,7 @@ import pytest
 
 from onnx_whc import api
 from onnx_whc.errors import UserInputError
-from onnx_whc.speed_target import MAX_PROBES, SpeedTarget, search_speed
+from onnx_whc.plan.speed_target import MAX_PROBES, SpeedTarget, search_speed
 
 from .test_bench import RESNET20
 

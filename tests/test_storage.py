@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_whc import api, storage
+from onnx_whc import api
+from onnx_whc.graph import storage
 
 from .test_bench import conv_net
 

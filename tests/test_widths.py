@@ -10,9 +10,17 @@ from click.testing import CliRunner
 
 from onnx_whc import api
 from onnx_whc.cli import main
-from onnx_whc.dependency import analyze_channels
-from onnx_whc.load import load
-from onnx_whc.widths import CANDIDATES, WidthSteps, _cut_out, _pruned_cut, candidate_widths, measure_widths, steps_of
+from onnx_whc.graph.dependency import analyze_channels
+from onnx_whc.graph.load import load
+from onnx_whc.plan.widths import (
+    CANDIDATES,
+    WidthSteps,
+    _cut_out,
+    _pruned_cut,
+    candidate_widths,
+    measure_widths,
+    steps_of,
+)
 
 from .builder import GraphBuilder
 from .oracle import prune_and_compare, run
@@ -131,7 +139,7 @@ def test_the_cli_prunes_at_measured_widths_and_says_so(tmp_path, monkeypatch):
 
 
 def test_a_speed_target_rounds_to_measured_widths_unless_told_otherwise():
-    from onnx_whc.speed_target import SpeedTarget
+    from onnx_whc.plan.speed_target import SpeedTarget
 
     target = SpeedTarget(speedup=1.5)
     assert api._check_round_to(None, target) == "measured" and api._check_round_to(None, None) == 8
@@ -141,8 +149,8 @@ def test_a_speed_target_rounds_to_measured_widths_unless_told_otherwise():
 
 
 def test_with_measured_latency_the_allocator_spends_the_budget_where_time_is_saved():
-    from onnx_whc.allocate import Allocator, allocated_plan
-    from onnx_whc.channel_stats import channel_stats
+    from onnx_whc.plan.allocate import Allocator, allocated_plan
+    from onnx_whc.plan.channel_stats import channel_stats
 
     b = GraphBuilder(seed=3)
     x = b.input("x", [1, 3, 8, 8])

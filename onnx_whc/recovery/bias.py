@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layers import Layer, attribute, read_affine, write_affine
+from ..graph.constants import attribute
+from .layers import Layer, read_affine, write_affine
 from .replay import Weights
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])

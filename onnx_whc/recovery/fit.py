@@ -16,8 +16,17 @@ from typing import Callable
 
 import numpy as np
 
-from .layers import Affine, Layer, geometry_of, out_spatial, outputs, patches, read_affine, sample_positions, \
-    write_affine
+from .layers import (
+    Affine,
+    Layer,
+    geometry_of,
+    out_spatial,
+    outputs,
+    patches,
+    read_affine,
+    sample_positions,
+    write_affine,
+)
 from .moments import Moments
 from .replay import Replay
 

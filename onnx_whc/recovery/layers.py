@@ -16,7 +16,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
-from ..constants import constant_arrays
+from ..graph.constants import attribute, constant_arrays
 from .replay import Replay, Weights
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -52,13 +52,6 @@ class Affine:
         """x (G, S, d) -> (G, S, m)."""
         y = np.matmul(x, self.weights)
         return y if self.bias is None else y + self.bias[:, None, :]
-
-
-def attribute(node: onnx.NodeProto, name: str, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
 
 
 def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]) -> list[Layer]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
+
+from ..graph.runtime import elem_types, session
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
@@ -42,68 +43,10 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor ONNX shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model shape inference rejects still runs; types then default to float
-        inferred = model
-    infos = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
-    return {i.name: i.type.tensor_type.elem_type for i in infos if i.type.tensor_type.elem_type}
-
-
-_RUN_BYTES = 64 << 20  # bytes of the largest activation per ONNX Runtime run
 # An activation larger than this over all samples is held in float16: the two models' early
 # expansions of a 224x224 mobile net are 2 GB each in float32 for 400 images. Its readers compute
 # in float32 again (a relative rounding of 5e-4, below what the fits can use).
 COMPACT_BYTES = 256 << 20
-_MAX_RUN = 256  # samples per run: larger batches only cost memory
-
-
-def samples_per_run(model: onnx.ModelProto, shapes: dict | None) -> int:
-    """A static batch when the model has one, else as many samples as fit the memory budget.
-
-    `shapes` (tensor name -> shape with batch 1) sizes the largest activation.
-    """
-    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
-    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        return int(dims[0].dim_value)
-    sizes = [int(np.prod(s[1:])) for s in (shapes or {}).values()
-             if s and all(isinstance(d, int) and d > 0 for d in s)]
-    largest = 4 * max(sizes, default=1 << 20)
-    return int(np.clip(_RUN_BYTES // largest, 1, _MAX_RUN))
-
-
-def cast_to_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Feeds in the element types the model's inputs declare (float16 models take float16)."""
-    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-    return {name: value.astype(helper.tensor_dtype_to_np_dtype(types[name]), copy=False) if types.get(name) else value
-            for name, value in feeds.items()}
-
-
-def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Recovery alternates ONNX Runtime with numpy: idle runtime threads must not spin on the cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=providers or ["CPUExecutionProvider"])
-
-
-def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], chunk: int,
-              providers: list[str] | None = None) -> list[np.ndarray]:
-    """All outputs of a whole model over many samples, `chunk` samples per run."""
-    sess = session(model, providers)
-    count = len(next(iter(feeds.values())))
-    return concatenated(sess.run(None, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, count, chunk))
-
-
-def concatenated(runs) -> list[np.ndarray]:
-    """The outputs of runs over consecutive chunks of samples, joined along the batch."""
-    runs = list(runs)
-    return [np.concatenate([run[j] for run in runs]) for j in range(len(runs[0]))]
-
-
 class Weights:
     """A model's nodes and initializers, editable one node input at a time."""
 

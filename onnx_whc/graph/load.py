@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from .errors import UserInputError, first_line
+from ..errors import UserInputError, first_line
 from . import storage
 from .storage import fits_protobuf
 

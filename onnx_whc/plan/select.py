@@ -11,40 +11,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from ..errors import UserInputError
+from ..graph.dependency import ChannelAnalysis, ChannelGroup
+from ..graph.ops import consumer_weight_axis
+from ..graph.plan import GroupDecision, PrunePlan
 from .criteria import CRITERIA
-from .dependency import ChannelAnalysis, ChannelGroup
-from .errors import UserInputError
-from .ops import consumer_weight_axis
-
-
-@dataclass
-class GroupDecision:
-    group: ChannelGroup
-    removed: np.ndarray  # class indices removed, ascending
-    skipped: str = ""  # why the group was left whole
-
-    @property
-    def kept(self) -> np.ndarray:
-        return np.setdiff1d(np.arange(self.group.channels), self.removed)
-
-
-@dataclass
-class PrunePlan:
-    decisions: list[GroupDecision]
-
-    @property
-    def removed_roots(self) -> np.ndarray:
-        parts = [d.group.classes[d.removed] for d in self.decisions if len(d.removed)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-    @property
-    def removed_channels(self) -> int:
-        return int(sum(len(d.removed) for d in self.decisions))
 
 
 def class_importance(group: ChannelGroup, criterion: str, rng: np.random.Generator) -> np.ndarray:

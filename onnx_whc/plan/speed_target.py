@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserInputError, ValidationError, first_line
-from .validate import best_providers, random_inputs, session, time_pair
+from ..errors import UserInputError, ValidationError, first_line
+from ..graph.runtime import best_providers, random_inputs, session
+from ..measure.validate import time_pair
 
 TOLERANCE = 0.02  # stop when the passing and failing budgets are this close (share of MACs)
 MAX_PROBES = 7

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .recovery.layers import attribute
-from .recovery.replay import run_model
+from ..graph.constants import attribute
+from ..graph.runtime import run_model
 from .validate import cosine
 
 MIN_AGREEMENT = 0.9  # below these the summary warns that the model no longer does its job

@@ -14,11 +14,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from ..errors import UserInputError
+from ..graph.plan import PrunePlan
+from ..measure.metrics import Cost
+from ..measure.quality import Quality, QualityProbe
 from .allocate import Allocation, Allocator
-from .errors import UserInputError
-from .metrics import Cost
-from .quality import Quality, QualityProbe
-from .select import PrunePlan
 
 TOLERANCE = 0.02  # stop when the passing and failing budgets are this close (share of MACs)
 MAX_PROBES = 7  # halving from the whole path down to TOLERANCE

@@ -1,4 +1,4 @@
-"""The values of a graph's constant tensors: its initializers and its Constant nodes' outputs."""
+"""The values of a graph's constant tensors (its initializers and its Constant nodes' outputs) and of node attributes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 def constant_arrays(graph: onnx.GraphProto, names: Iterable[str]) -> dict[str, np.ndarray]:
@@ -19,3 +19,10 @@ def constant_arrays(graph: onnx.GraphProto, names: Iterable[str]) -> dict[str, n
             if value is not None:
                 values[node.output[0]] = numpy_helper.to_array(value)
     return values
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default

@@ -2,8 +2,8 @@
 
 A `Calibration` comes from a folder of images, an .npy, an .npz or arrays given to the API, or,
 when the user has none and the model takes images, from built-in dead-leaves pictures
-(`onnx_whc.deadleaves`), refined by model inversion where the model allows it
-(`onnx_whc.inversion`). It holds the samples the stages fit on, the held-out samples quality is
+(`onnx_whc.data.deadleaves`), refined by model inversion where the model allows it
+(`onnx_whc.data.inversion`). It holds the samples the stages fit on, the held-out samples quality is
 measured on, and a sentence saying what they are, so every number can name its data.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from PIL import Image
 
+from onnx_whc.data.inversion import InversionSettings, NotInvertible, gradient_model, refine
 from onnx_whc.errors import UserInputError
-from onnx_whc.inversion import InversionSettings, NotInvertible, gradient_model, refine
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -175,7 +175,7 @@ def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str,
 
     Given the `model` (and its `macs` per sample; None when nothing will be fitted on the images),
     a classifier's images of MIN_INVERSION_SIDE px or more are first refined by model inversion
-    (`onnx_whc.inversion`): as many as INVERSION_MACS allows, the rest of the fitting set being
+    (`onnx_whc.data.inversion`): as many as INVERSION_MACS allows, the rest of the fitting set being
     shifted and flipped copies of them; the held-out images are refined too (half as many at most).
     """
     from .deadleaves import dead_leaves  # PIL drawing: only when needed

@@ -20,17 +20,18 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import UserInputError
+from ..graph.dependency import ChannelAnalysis, ChannelGroup
+from ..graph.equivalence import export
+from ..graph.load import LoadedModel
+from ..graph.ops import consumer_weight_axis
+from ..graph.plan import PrunePlan
+from ..graph.runtime import concatenated, samples_per_run, session
+from ..graph.segments import Segment, cut_out, downstream, with_outputs
+from ..measure.quality import damage, output_kinds
 from .budget import MacsEstimator, _cached_importance
 from .channel_stats import ChannelStats
-from .dependency import ChannelAnalysis, ChannelGroup
-from .equivalence import export
-from .errors import UserInputError
-from .load import LoadedModel
-from .ops import consumer_weight_axis
-from .quality import damage, output_kinds
-from .recovery.replay import concatenated, samples_per_run, session
-from .segments import Segment, cut_out, downstream, with_outputs
-from .select import PrunePlan, excluded_by, select
+from .select import excluded_by, select
 from .widths import WidthSteps
 
 PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at ratio 0

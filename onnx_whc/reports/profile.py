@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .load import LoadedModel
-from .metrics import node_macs
+from ..graph.load import LoadedModel
+from ..measure.metrics import node_macs
 
 _SUFFIX = "_kernel_time"
 

@@ -15,7 +15,7 @@ Runs after surgery and before validation, on the exported pruned model, against 
 `auto` picks `lsq` whenever there is calibration data, the user's or the built-in synthetic
 images, and `none` without: on the shared BN-folded models the data-free estimate made accuracy
 worse (see benchmarks/results/recovery.md).
-The report records the method, its settings, the time, and the quality (`onnx_whc.quality`:
+The report records the method, its settings, the time, and the quality (`onnx_whc.measure.quality`:
 agreement for classifiers, per-channel R² for dense outputs) on held-out samples before and after.
 """
 
@@ -28,15 +28,15 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .calibration import Calibration
-from .errors import UserInputError
-from .recovery import bias as data_free
-from .recovery.fit import FitSettings, fit_layers
-from .recovery.layers import find_layers
-from .recovery.lsq import ridge_fit
-from .quality import QualityProbe
-from .recovery.replay import Replay
-from .recovery.stats import renormalise
+from ..data.calibration import Calibration
+from ..errors import UserInputError
+from ..measure.quality import QualityProbe
+from . import bias as data_free
+from .fit import FitSettings, fit_layers
+from .layers import find_layers
+from .lsq import ridge_fit
+from .replay import Replay
+from .stats import renormalise
 
 METHODS = ("auto", "none", "bias", "stats", "lsq")
 

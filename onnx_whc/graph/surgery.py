@@ -11,11 +11,18 @@ import gc
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .dependency import ChannelAnalysis, gemm_output_axis, pad_amounts, resize_channel_position, slice_params, split_sizes
+from .dependency import (
+    ChannelAnalysis,
+    gemm_output_axis,
+    pad_amounts,
+    resize_channel_position,
+    slice_params,
+    split_sizes,
+)
 from .load import LoadedModel, return_freed_memory
 from .ops import consumer_weight_axis, node_rule, normalize_axis, param_channel_axis, rule_for
+from .plan import PrunePlan
 from .reshape_target import reshape_target, rewrite_target
-from .select import PrunePlan
 
 
 class _Surgeon:

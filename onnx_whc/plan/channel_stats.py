@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dependency import ChannelAnalysis
-from .equivalence import export
-from .load import LoadedModel
-from .ops import consumer_weight_axis
-from .recovery.replay import samples_per_run, session
+from ..graph.dependency import ChannelAnalysis
+from ..graph.equivalence import export
+from ..graph.load import LoadedModel
+from ..graph.ops import consumer_weight_axis
+from ..graph.runtime import samples_per_run, session
 
 MAX_SAMPLES = 256  # calibration images: channel moments settle well before this
 

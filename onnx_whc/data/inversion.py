@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .constants import constant_arrays
-from .errors import first_line
-from .validate import session
+from ..errors import first_line
+from ..graph.constants import constant_arrays
+from ..graph.runtime import session
 
 SUPPORTED = ("Conv", "Relu", "Clip", "Add", "Sub", "Mul", "Sigmoid", "Pad", "GlobalAveragePool",
              "Gemm", "Reshape", "Flatten", "Concat", "Slice", "Identity")

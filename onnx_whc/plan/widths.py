@@ -31,10 +31,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .dependency import ChannelAnalysis, ChannelGroup
-from .errors import first_line
-from .load import LoadedModel
-from .select import GroupDecision, PrunePlan
+from ..errors import first_line
+from ..graph.dependency import ChannelAnalysis, ChannelGroup
+from ..graph.load import LoadedModel
+from ..graph.plan import GroupDecision, PrunePlan
 
 MEASURED = "measured"  # the --round-to value that asks for measured widths
 CANDIDATES = 24  # widths timed per group, at most
@@ -214,8 +214,8 @@ def _pruned_cut(loaded: LoadedModel, analysis: ChannelAnalysis, group: ChannelGr
 
     The removed channels are spread evenly, so every tensor of a concatenated group keeps some.
     """
-    from .equivalence import export
-    from .surgery import apply_plan
+    from ..graph.equivalence import export
+    from ..graph.surgery import apply_plan
 
     graph = cut.copy()
     work = LoadedModel(graph, loaded.shapes, loaded.input_shapes, loaded.ir_version, loaded.opset,
@@ -238,7 +238,7 @@ def _pruned_cut(loaded: LoadedModel, analysis: ChannelAnalysis, group: ChannelGr
 
 def _time_widths(loaded, analysis, group, cut, widths, providers, threads, batch) -> list[float]:
     """Median ms of the cut-out at each width, the widths timed in turn, round after round."""
-    from .validate import random_inputs, session
+    from ..graph.runtime import random_inputs, session
 
     sessions, feeds = [], []
     for width in widths:

@@ -14,11 +14,12 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .dependency import ChannelAnalysis, ChannelGroup
-from .errors import UserInputError
-from .load import LoadedModel
-from .metrics import node_macs
-from .select import PrunePlan, class_importance, select
+from ..errors import UserInputError
+from ..graph.dependency import ChannelAnalysis, ChannelGroup
+from ..graph.load import LoadedModel
+from ..graph.plan import PrunePlan
+from ..measure.metrics import node_macs
+from .select import class_importance, select
 
 # Ratios are searched on a grid of 1e-4, so the reported ratio reproduces the plan exactly.
 _GRID = 10_000

@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .progress import progress_bar
-from .errors import UserInputError, ValidationError, first_line
-from .load import load
-from .metrics import model_cost
+from ..errors import UserInputError, ValidationError, first_line
+from ..graph.load import load
+from ..graph.runtime import best_providers, random_inputs, session
+from ..measure.metrics import model_cost
+from ..measure.validate import time_pair
+from ..progress import progress_bar
 from .profile import LayerTime, by_layer, layer_macs, layer_times, node_names, node_times
-from .validate import best_providers, random_inputs, session, time_pair
 
 
 @dataclass

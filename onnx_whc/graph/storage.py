@@ -19,7 +19,7 @@ from typing import Callable
 import onnx
 from google.protobuf.message import EncodeError, Message
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 PROTO_LIMIT = 2_000_000_000  # protobuf cannot serialise 2 GiB; stay clear of it
 _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay in the model, as onnx does

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from .dependency import ChannelAnalysis
-from .metrics import Cost, node_macs
-from .quality import OutputQuality
-from .select import PrunePlan
-from .validate import Validation
+from ..graph.dependency import ChannelAnalysis
+from ..graph.plan import PrunePlan
+from ..measure.metrics import Cost, node_macs
+from ..measure.quality import OutputQuality
+from ..measure.validate import Validation
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PruneReport:
     target_macs: float | None = None  # the MACs budget the ratio was chosen for, if any
     allocation: dict | None = None  # per-group ratios chosen from calibration sensitivity (--allocate)
     calibration: str | None = None  # what data drove allocation and recovery, or why there was none
-    quality: dict | None = None  # output name -> {"kind", "metric", "value", "cosine", ...} (onnx_whc.quality)
+    quality: dict | None = None  # output name -> {"kind", "metric", "value", "cosine", ...} (onnx_whc.measure.quality)
     quality_on: str | None = None  # the inputs quality was measured on
     quality_samples: str | None = None  # the same, without repeating the calibration data's description
     warning: str | None = None  # one line for stderr when the quality falls below its threshold
