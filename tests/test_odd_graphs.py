@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_whc import analyze
+from onnx_whc import analyze, prune
+from onnx_whc.graph.load import load
 from onnx_whc.cli import main
 
 from .fuzz.builder import Net
@@ -75,6 +76,58 @@ def test_ir3_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(str(out), full_check=True)
     assert onnx.load(out).ir_version == 3
+
+
+def bias_free_ir3() -> onnx.ModelProto:
+    """IR 3, opset 9, as old exporters wrote ShuffleNet v1: convs without biases (recovery adds them),
+    a weight read by two convs (each gets its own copy), initializers listed among the inputs."""
+    net = Net(9, seed=21)
+    x = net.input(3, 32, 32)
+    a = net.act(net.bn(net.conv(x, 32, bias=False)))
+    shared = net.const(net.weight((32, 32, 3, 3), 288), "shared")
+    left = net.act(net.conv(a, 32, weight=shared, bias=False))
+    right = net.act(net.conv(net.pool(a, "MaxPool"), 32, weight=shared, bias=False))
+    b = net.act(net.conv(net.add(net.pool(left, "AveragePool"), right), 32, bias=False))
+    net.output(net.head(b, 10))
+    model = net.model(3)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _assert_valid_ir3(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pruned.ir_version == 3
+    weights = [t.name for t in pruned.graph.initializer]
+    inputs = [i.name for i in pruned.graph.input]
+    assert inputs[0] == "input" and set(inputs[1:]) == set(weights) and len(inputs) == len(weights) + 1
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
+    assert all(declared[t.name] == list(t.dims) for t in pruned.graph.initializer)
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    outputs = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert outputs[0].shape == (2, 10) and np.isfinite(outputs[0]).all()
+    # Listed weights are still weights, not inputs, when the pruned model is read again.
+    assert [t.name for t in load(pruned).graph.inputs] == ["input"]
+    assert [g.channels for g in analyze(pruned).groups] != [g.channels for g in analyze(original).groups]
+
+
+def test_ir3_recovered_weights_are_listed_as_inputs():
+    """Recovery writes new initializers (a bias where a conv had none, a copy of a shared weight):
+    under IR 3 each is declared among the inputs too, and the replaced ones are no longer."""
+    model = bias_free_ir3()
+    pruned, report = prune(model, ratio=0.5, validate=True)
+    assert report.recovery is not None and report.recovery["layers"] > 0
+    assert any(".recovered_" in t.name for t in pruned.graph.initializer)
+    _assert_valid_ir3(pruned, model)
+
+
+def test_ir3_recovered_through_the_cli(tmp_path):
+    source, out = tmp_path / "ir3.onnx", tmp_path / "out.onnx"
+    model = bias_free_ir3()
+    onnx.save(model, source)
+    result = cli("prune", source, "--ratio", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(str(out), full_check=True)
+    _assert_valid_ir3(onnx.load(out), model)
 
 
 def test_several_inputs_and_outputs():

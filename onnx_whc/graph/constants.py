@@ -26,3 +26,19 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
         if attr.name == name:
             return helper.get_attribute_value(attr)
     return default
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto, former_weights: Iterable[str] = ()) -> None:
+    """List every initializer among the graph inputs too, with its type and shape, as IR < 4 requires.
+
+    Declarations of weights a rewrite dropped (`former_weights` no longer among the initializers)
+    go with them: left behind they would read as inputs to feed. The real inputs keep their place
+    in front; every weight is declared after them from its own type and dimensions, so new weights
+    (a recovered bias, a copy of a shared weight) and resized ones are declared as they are.
+    """
+    weights = {t.name: t for t in model.graph.initializer}
+    gone = set(former_weights) - set(weights)
+    real = [i for i in model.graph.input if i.name not in weights and i.name not in gone]
+    declared = [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer]
+    del model.graph.input[:]
+    model.graph.input.extend(real + declared)

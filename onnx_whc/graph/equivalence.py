@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .constants import list_initializers_as_inputs
 from .dependency import ChannelAnalysis
 from .load import LoadedModel
 from .ops import consumer_weight_axis
@@ -77,11 +78,8 @@ def export(graph: gs.Graph, loaded: LoadedModel) -> onnx.ModelProto:
     """Export a graph with the original model's IR version and metadata."""
     model = _export_streaming_weights(graph.cleanup())
     model.ir_version = loaded.ir_version
-    if loaded.initializers_as_inputs:
-        known = {i.name for i in model.graph.input}
-        for tensor in model.graph.initializer:
-            if tensor.name not in known:
-                model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    if loaded.initializers_as_inputs or loaded.ir_version < 4:
+        list_initializers_as_inputs(model)
     for key, value in loaded.metadata.items():
         model.metadata_props.add(key=key, value=value)
     return model

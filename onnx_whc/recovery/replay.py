@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..graph.constants import list_initializers_as_inputs
 from ..graph.runtime import elem_types, session
 
 
@@ -84,6 +85,9 @@ class Weights:
         model.graph.node.extend(self.nodes)
         del model.graph.initializer[:]
         model.graph.initializer.extend(t for name, t in self.weights.items() if name in used)
+        former = {t.name for t in self.model.graph.initializer}
+        if model.ir_version < 4 or any(i.name in former for i in self.model.graph.input):
+            list_initializers_as_inputs(model, former)  # the model's own convention, new weights too
         return model
 
 
