@@ -12,20 +12,21 @@ import onnx
 from .data.calibration import load_labelled
 from .errors import UserInputError, ValidationError
 from .graph.dependency import analyze_channels
+from .graph.equivalence import export
 from .graph.load import load, read_model
 from .graph.plan import PrunePlan
-from .graph.runtime import best_providers, run_model
+from .graph.runtime import best_providers, run_model, samples_per_run
 from .graph.storage import save
 from .measure.metrics import model_cost
 from .measure.quality import SYNTHETIC_CAVEAT
 from .measure.validate import validate as validate_models
-from .pipeline import Pipeline
+from .pipeline import Pipeline, calibration_for, quality_probe
 from .plan.allocate import Allocation
 from .plan.search import QualityFloor, SearchResult, search_budget
 from .plan.speed_target import SpeedSearch, SpeedTarget
 from .plan.widths import MEASURED
 from .progress import progress_bar
-from .settings import Settings
+from .recovery.distill import distill as distill_model
 from .reports.report import (
     AnalysisReport,
     PruneReport,
@@ -35,6 +36,7 @@ from .reports.report import (
     group_reports,
     validation_dict,
 )
+from .settings import Settings
 
 DEFAULT_RATIO = 0.4
 # Multiples of 8 keep ONNX Runtime's blocked CPU kernels (and GPU tensor cores) in use: ResNet-50 at
@@ -117,7 +119,8 @@ def prune(model, ratio: float | None = None, *, settings: Settings | None = None
     clock = _Clock()
     with clock("analyzed"):
         run = Pipeline(model, s, round_to,
-                       measure=s.validate or bool(s.floor) or s.eval_set is not None or s.speed is not None,
+                       measure=s.validate or bool(s.floor) or s.eval_set is not None or s.speed is not None
+                       or s.distill is not None,
                        needs_data=bool(s.floor))
         labelled = Labelled(s.eval_set, run, s.preprocess) if s.eval_set is not None else None
     with clock("selected"):
@@ -127,6 +130,12 @@ def prune(model, ratio: float | None = None, *, settings: Settings | None = None
     with clock("pruned"):
         pruned, recovery_report, after = _pruned(run, choice)
     report = _report(run, choice, groups, round_to, after, recovery_report)
+    if s.distill is not None and choice.plan.removed_channels:
+        with clock("distilled"):
+            pruned, distilled = distill_model(run.original, pruned, run.calibration, run.probe,
+                                              run.loaded.input_shapes, s.distill, s.preprocess, s.progress)
+        report.distill = distilled.to_dict()
+        report.distill_summary = distilled.summary()
     if choice.speed is not None:
         with clock("timed"):  # the recovered model, timed as its plan was: recovery changes no shape
             original_ms, pruned_ms = choice.speed.timer.measure(pruned)
@@ -266,6 +275,39 @@ def sweep(model, budgets, *, settings: Settings | None = None, **options) -> Swe
                        labelled.top1(run.original) if labelled else None, labelled.on if labelled else None)
 
 
+def distill(original, pruned, *, settings: Settings | None = None, on_checkpoint=None, **options):
+    """`pruned` trained towards `original` on the calibration data: (the model, a `DistillReport`).
+
+    `settings.distill` (a `DistillSettings`) sets the budget; the other `Settings` fields read are
+    the calibration's (calib, calib_size, preprocess, synthetic, seed, input_shapes). `pruned` keeps
+    its graph (any model with the original's inputs and outputs); only initializer values change.
+    """
+    s = (settings or Settings()).but(**options)
+    if s.distill is None:
+        raise UserInputError("give a distillation budget: --time (e.g. 15m) or --distill-steps")
+    best_providers(s.distill.provider)  # a wrong --provider fails now
+    loaded = load(original, s.input_shapes)
+    teacher = export(loaded.graph, loaded)
+    read_model(pruned)  # a missing or broken file is one clear line
+    student = onnx.load(pruned) if not isinstance(pruned, onnx.ModelProto) else onnx.ModelProto.FromString(
+        pruned.SerializeToString())
+    ins = lambda m: [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]  # noqa: E731
+    outs = lambda m: [o.name for o in m.graph.output]  # noqa: E731
+    if ins(student) != ins(teacher) or outs(student) != outs(teacher):
+        raise UserInputError(f"{pruned}: its inputs and outputs ({', '.join(ins(student) + outs(student))}) are not "
+                             f"the original's ({', '.join(ins(teacher) + outs(teacher))})")
+    types = {t.name: np.dtype(t.dtype or np.float32) for t in loaded.graph.inputs if t.name in loaded.input_shapes}
+    macs = model_cost(loaded.graph, loaded.shapes).macs
+    calibration, no_data = calibration_for(loaded.input_shapes, types, s, True, teacher, macs,
+                                           progress_bar(s.progress, "refining synthetic images"))
+    if calibration is None:
+        raise UserInputError(f"distillation needs calibration data: give --calib DIR ({no_data})")
+    probe = quality_probe(teacher, calibration, no_data, loaded.input_shapes, types,
+                          samples_per_run(teacher, loaded.shapes), s.seed)
+    return distill_model(teacher, student, calibration, probe, loaded.input_shapes, s.distill, s.preprocess,
+                         s.progress, on_checkpoint)
+
+
 class Labelled:
     """A labelled set and top-1 on it, read from the model's first classifier output."""
 
@@ -282,4 +324,4 @@ class Labelled:
         return float(np.mean(scores.argmax(self.axis) == self.labels))
 
 
-__all__ = ["analyze", "prune", "sweep", "save", "read_model", "Settings", "QualityFloor", "SpeedTarget"]
+__all__ = ["analyze", "prune", "sweep", "distill", "save", "read_model", "Settings", "QualityFloor", "SpeedTarget"]

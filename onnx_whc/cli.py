@@ -14,14 +14,17 @@ import click
 from . import __version__
 from .api import DEFAULT_ROUND_TO, QualityFloor, Settings, SpeedTarget
 from .api import analyze as analyze_model
+from .api import distill as distill_models
 from .api import prune as prune_model
 from .api import sweep as sweep_model
 from .data.calibration import PRESETS, preset_preprocess
 from .errors import OnnxWhcError, UserInputError
 from .graph.storage import check_writable, copy_unchanged, external_data_files, same_file, save
 from .pipeline import CRITERION_NAMES
+from .recovery.distill import PARAMETERS, DistillSettings, parse_duration
 from .recovery.recover import METHODS, RecoverySettings
 from .reports.bench import compare, parse_batches
+from .reports.plot import distill_curve
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -87,6 +90,34 @@ _CALIBRATION_OPTIONS = [
                  help="Sampled output positions per layer for lsq/stats, at least: a layer gets 100 per input "
                       "of its map, up to 4x this (memory and time grow with it)."),
 ]
+
+_DISTILL_OPTIONS = [
+    click.option("--distill-steps", type=click.IntRange(min=1), metavar="N",
+                 help="Distil for N steps (with --distill/--time: whichever ends first)."),
+    click.option("--distill-batch", type=click.IntRange(min=2), metavar="B",
+                 help="Augmented views per step.  [default: 64 for 32x32 inputs, 16 at 224x224, 8 at 320x320]"),
+    click.option("--distill-parameters", type=click.Choice(PARAMETERS), default="all", show_default=True,
+                 help="all: every kept weight and bias; affine: one scale per filter and the biases."),
+]
+
+
+def _distill_options(command):
+    for option in reversed(_DISTILL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _distill_settings(duration, steps, batch, parameters, seed, provider) -> DistillSettings | None:
+    if duration is None and steps is None:
+        return None
+    try:
+        seconds = parse_duration(duration) if duration is not None else None
+    except ValueError as err:
+        raise UserInputError(f"--distill/--time: {err}") from None
+    if seconds is not None and seconds <= 0:
+        raise UserInputError("--distill/--time must be a positive duration, e.g. 15m")
+    return DistillSettings(seconds=seconds, steps=steps, batch=batch, parameters=parameters, seed=seed,
+                           provider=provider)
 
 
 def _calibration_options(command):
@@ -165,11 +196,17 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime checks and latency measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random criterion.")
 @click.option("--provider", help="ONNX Runtime provider for validation (cuda or cpu; default: the best available).")
+@click.option("--distill", "distill", metavar="TIME",
+              help="After recovery, train the pruned model towards the original on augmented views of the "
+              "calibration images for at most TIME (e.g. 15m, 1h, 90s), on --provider; the held-out samples "
+              "choose the checkpoint, never worse than the start.")
+@_distill_options
 @_input_shape
 @_calibration_options
 def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, target_latency, batch, threads, output,
-          criterion, exclude, round_to, report_path, no_validate, seed, provider, input_shape, calib, calib_size,
-          calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples):
+          criterion, exclude, round_to, report_path, no_validate, seed, provider, distill, distill_steps, distill_batch,
+          distill_parameters, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
+          layout, eval_set, recover, allocate, recover_samples):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
@@ -182,6 +219,7 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
     settings = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
                          crop, layout, eval_set, recover, allocate, recover_samples, criterion, exclude, round_to).but(
         ratio=ratio, target_macs=target_macs, validate=not no_validate, floor=QualityFloor(min_agreement, min_r2),
+        distill=_distill_settings(distill, distill_steps, distill_batch, distill_parameters, seed, provider),
         speed=None if target_speedup is None and target_latency is None else
         SpeedTarget(target_speedup, target_latency, batch, threads))
     pruned, report = prune_model(model, settings=settings)
@@ -192,6 +230,8 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
             click.echo(line, err=True)
     if report_path:
         _write_text(report_path, report.to_json())
+        if report.distill:
+            _write_curve(report_path, report.distill)
     if removed == 0:
         done = "nothing written (no -o given)"
         if output:
@@ -289,6 +329,52 @@ def bench(original, pruned, batches, runs, warmup, provider, threads, json_path,
     click.echo(result.summary())
     if json_path:
         _write_text(json_path, result.to_json(), "--json")
+
+
+def _write_curve(report_path: str, distilled: dict) -> None:
+    """The distillation's held-out curve as a PNG beside the JSON report, written whole then moved into place."""
+    path = os.path.splitext(report_path)[0] + ".distill.png"
+    distill_curve(distilled, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    click.echo(f"wrote {path}", err=True)
+
+
+@main.command(cls=_Command)
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("pruned", type=click.Path(dir_okay=False))
+@click.option("--time", "duration", metavar="TIME", help="Train for at most TIME (e.g. 15m, 1h, 90s).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Where to write the model.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report (and the "
+              "curve as .distill.png beside it) here.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--provider", help="ONNX Runtime provider to train on (cuda or cpu; default: the best available).")
+@_distill_options
+@_input_shape
+@_calibration_options
+def distill(original, pruned, duration, output, report_path, seed, provider, distill_steps, distill_batch,
+            distill_parameters, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
+            layout, eval_set, recover, allocate, recover_samples):
+    """Heal a model pruned earlier: train PRUNED towards ORIGINAL on augmented views of --calib images.
+
+    PRUNED keeps its graph; only its weights change. Any model with ORIGINAL's inputs and outputs will do.
+    """
+    for path in (p for p in (original, pruned) if same_file(p, output)):
+        raise UserInputError(f"-o is the input file {path}: choose another path (the input is never overwritten)")
+    for option, path in (("-o", output), ("--report", report_path)):
+        if path:
+            check_writable(option, path)
+    settings = _distill_settings(duration, distill_steps, distill_batch, distill_parameters, seed, provider)
+    if settings is None:
+        raise UserInputError("give --time (e.g. 15m) or --distill-steps")
+    options = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
+                        crop, layout, eval_set, recover, allocate, recover_samples, "auto", (), None)
+    model, report = distill_models(original, pruned, settings=options.but(distill=settings))
+    click.echo(f"distill: {report.summary()}")
+    if report_path:
+        _write_text(report_path, json.dumps(report.to_dict(), indent=2))
+        _write_curve(report_path, report.to_dict())
+    save(model, output)
+    click.echo(f"wrote {output}")
 
 
 def _write_text(path: str, text: str, option: str = "--report") -> None:

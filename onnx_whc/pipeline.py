@@ -77,7 +77,7 @@ class Pipeline:
         fitted = s.recover != "none" or needs_data or bool(s.allocate)
         wanted = fitted or measure  # else synthetic images go unused
         original = export(self.loaded.graph.copy(), self.loaded) if s.calib is None and s.synthetic and fitted else None
-        self.calibration, no_data = _calibration(self.loaded.input_shapes, self.input_types, s, wanted, original,
+        self.calibration, no_data = calibration_for(self.loaded.input_shapes, self.input_types, s, wanted, original,
                                                  self.before.macs, progress_bar(s.progress, "refining synthetic images"))
         self.method = recovery.resolve_method(s.recover, self.calibration is not None)
         data_driven = self.calibration is not None and (self.method != "none" or not self.calibration.synthetic)
@@ -95,7 +95,7 @@ class Pipeline:
         measure = measure or self.method != "none"
         self.original = (original or export(self.loaded.graph.copy(), self.loaded)) if measure else None
         self.chunk = samples_per_run(self.original, self.loaded.shapes) if measure else 1
-        self.probe = _quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
+        self.probe = quality_probe(self.original, self.calibration, no_data, self.loaded.input_shapes,
                                     self.input_types, self.chunk, s.seed) if measure else None
         self.allocator = Allocator(self.loaded, self.analysis, self.calibration.fit, self.select_args, stats,
                                    progress=progress_bar(s.progress, "measuring group sensitivity"),
@@ -162,7 +162,7 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
     return model, cost
 
 
-def _calibration(input_shapes, types, s: Settings, wanted: bool, original: onnx.ModelProto | None, macs: int,
+def calibration_for(input_shapes, types, s: Settings, wanted: bool, original: onnx.ModelProto | None, macs: int,
                  progress):
     """(the Calibration, or None and why there is none); synthetic images only when `wanted`,
     refined by inverting `original` when it is given."""
@@ -185,7 +185,7 @@ def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int)
     return None
 
 
-def _quality_probe(original, calibration, no_data: str, input_shapes, types, chunk: int, seed: int) -> QualityProbe:
+def quality_probe(original, calibration, no_data: str, input_shapes, types, chunk: int, seed: int) -> QualityProbe:
     if calibration is not None:
         return QualityProbe(original, calibration.quality_feeds, calibration.quality_on, chunk)
     rng = np.random.default_rng(seed)  # nothing better to measure on: say so

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .data.calibration import Preprocess
 from .plan.search import QualityFloor
 from .plan.speed_target import SpeedTarget
+from .recovery.distill import DistillSettings
 from .recovery.recover import RecoverySettings
 
 
@@ -36,6 +37,7 @@ class Settings:
     recover: str = "auto"
     allocate: bool | None = None
     recovery_settings: RecoverySettings | None = None
+    distill: DistillSettings | None = None  # train the recovered model towards the original afterwards
     # Checking and measuring.
     validate: bool = True
     provider: str | None = None

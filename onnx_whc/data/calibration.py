@@ -110,6 +110,7 @@ class Calibration:
     held: dict[str, np.ndarray]
     source: str  # e.g. "500 images from calib/", "320 built-in synthetic dead-leaves images"
     synthetic: bool = False
+    fit_paths: tuple[Path, ...] | None = None  # the files `fit` was read from, when they were image files
 
     @property
     def fit_count(self) -> int:
@@ -137,8 +138,10 @@ class Calibration:
         return f"the {self.fit_count} fitting samples of {self.source} (too few to hold any out)"
 
     @classmethod
-    def of(cls, samples: dict[str, np.ndarray], source: str, synthetic: bool = False, seed: int = 0) -> "Calibration":
-        """Split `samples`: a fifth (at most MAX_HELD_OUT, none below 10 samples) held out at random.
+    def of(cls, samples: dict[str, np.ndarray], source: str, synthetic: bool = False, seed: int = 0,
+           paths: list[Path] | None = None) -> "Calibration":
+        """Split `samples` (read from image `paths`, if given): a fifth (at most MAX_HELD_OUT, none below
+        10 samples) held out at random.
 
         At random, not the last rows: image folders are usually sorted by class, and a tail would
         measure quality on the last classes only.
@@ -148,7 +151,8 @@ class Calibration:
         out = np.zeros(count, bool)
         out[np.random.default_rng([seed, 0x4E1D]).choice(count, held, replace=False)] = True
         fit = {k: v[~out] for k, v in samples.items()}
-        return cls(fit, {k: v[out] for k, v in samples.items()} if held else {}, source, synthetic)
+        fit_paths = tuple(p for p, o in zip(paths, out) if not o) if paths is not None else None
+        return cls(fit, {k: v[out] for k, v in samples.items()} if held else {}, source, synthetic, fit_paths)
 
 
 def make_calibration(calib, input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
@@ -156,15 +160,18 @@ def make_calibration(calib, input_shapes: dict[str, tuple], input_types: dict[st
                      seed: int = 0) -> Calibration:
     """The user's calibration data (a path, or arrays keyed by input name), checked and cast once."""
     preprocess = preprocess or Preprocess()
+    paths = None
     if isinstance(calib, (str, os.PathLike)):
         arrays = load_calibration(calib, input_shapes, size, preprocess, seed)
         path = Path(calib)
         what = "images" if path.is_dir() else "samples"
         source = f"{len(next(iter(arrays.values())))} {what} from {path}"
+        if path.is_dir():
+            paths = chosen_images(path, size, seed)
     else:
         arrays = {name: array[:size] for name, array in check_arrays(calib, input_shapes).items()}
         source = f"{len(next(iter(arrays.values())))} given samples"
-    return Calibration.of(_cast(arrays, input_types), source, seed=seed)
+    return Calibration.of(_cast(arrays, input_types), source, seed=seed, paths=paths)
 
 
 def synthetic_calibration(input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
@@ -342,6 +349,15 @@ def find_images(folder: Path) -> list[Path]:
     )
 
 
+def chosen_images(folder: Path, size: int | None, seed: int) -> list[Path]:
+    """The images of `folder` a calibration reads: all, or a seeded random `size` of them, in sorted order."""
+    paths = find_images(folder)
+    if size is not None and size < len(paths):
+        keep = np.random.default_rng(seed).choice(len(paths), size, replace=False)
+        paths = [paths[i] for i in sorted(keep)]
+    return paths
+
+
 def load_images(
     paths: Sequence[Path], preprocess: Preprocess, size_hw: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -467,12 +483,9 @@ def _load_folder(
             f"{where}: model input {name!r} of shape {_format_shape(shape)} has {channels} channels "
             f"in {preprocess.layout} layout, but images are read as 3-channel RGB"
         )
-    paths = find_images(folder)
+    paths = chosen_images(folder, size, seed)
     if not paths:
         raise UserInputError(f"{where}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    if size is not None and size < len(paths):
-        keep = np.random.default_rng(seed).choice(len(paths), size, replace=False)
-        paths = [paths[i] for i in sorted(keep)]
     h, w = shape[1:3] if preprocess.layout == "NHWC" else shape[2:4]
     size_hw = (h, w) if _is_static(h) and _is_static(w) else None
     preprocess = _sized_for(preprocess, h, w)

@@ -58,3 +58,15 @@ def _panel(draw: ImageDraw.ImageDraw, font, left: int, top: int, panel: dict) ->
 def _padded(lo: float, hi: float) -> tuple[float, float]:
     span = hi - lo or max(abs(hi), 1.0) * 0.1
     return lo - 0.05 * span, hi + 0.05 * span
+
+
+def distill_curve(distilled: dict, path: str) -> None:
+    """The held-out measure and the training loss against minutes of distillation."""
+    curve = distilled["curve"]
+    minutes = lambda point: point["seconds"] / 60  # noqa: E731
+    held = [(minutes(p), p["held_out"]) for p in curve]
+    loss = [(minutes(p), p["loss"]) for p in curve if p["loss"] is not None]
+    line_charts([{"x": "minutes", "y": f"held-out {distilled['measure']}", "series": {"held out": held}},
+                 {"x": "minutes", "y": "training loss", "series": {"loss": loss}}], path,
+                f"distillation on {distilled['provider']}: {distilled['steps']} steps of {distilled['batch']} views")
+

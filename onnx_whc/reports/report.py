@@ -72,6 +72,8 @@ class PruneReport:
     probe_sizes: dict[str, str] = field(default_factory=dict)  # dynamic image inputs: the size measured
     speed: dict | None = None  # --target-speedup / --target-latency: every timed probe, and the final check
     widths: dict | None = None  # --round-to measured: each group's latency steps, and what the timing cost
+    distill: dict | None = None  # --distill: steps, views, seconds, provider, the held-out measure and its curve
+    distill_summary: str | None = None
 
     @property
     def removed_channels(self) -> int:
@@ -88,6 +90,7 @@ class PruneReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("quality_samples")  # quality_on says it in full
+        data.pop("distill_summary")  # distill holds its numbers
         data["macs_kept"], data["params_kept"] = self.macs_kept, self.params_kept
         return data
 
@@ -137,6 +140,8 @@ class PruneReport:
             lines.append(f"recovery {self.recovery.get('method')}: {self.recovery.get('summary', '')}")
         elif self.calibration and self.calibration.startswith("none (") and self.removed_channels:
             lines.append("recovery skipped: no calibration data (give --calib DIR)")
+        if self.distill_summary:
+            lines.append(f"distill: {self.distill_summary}")
         if self.quality:
             lines.append(f"quality vs the original, on {self.quality_samples or self.quality_on}:")
             for name, q in self.quality.items():

@@ -1,0 +1,605 @@
+"""Distillation: the pruned model trained on ONNX Runtime to answer as its original does, without labels.
+
+After least squares, what a mobile net or a detector still lacks needs its layers trained
+together. The original is a perfect teacher and the user's images are enough when the student
+sees many augmented views of them (`onnx_whc.data.views`): on each batch, the teacher's outputs
+are the targets, and a training model (the pruned model with its kept weights as inputs, and the
+backward pass written beside it as ONNX nodes by `onnx_whc.graph.backward`) gives the gradients.
+
+The loss follows each output's kind (`onnx_whc.measure.quality`): for a classifier, the KL
+divergence of temperature-softened outputs (T² · KL, Hinton's scaling); for a dense output, the
+squared error of each channel divided by that channel's variance on the original, so that a
+detector's class scores weigh as much as its box coordinates. Where an op on the way has no
+backward rule, the loss is taken on the tensors it reads instead, and the report says so.
+
+The optimiser is Adam whose step for each weight is scaled by the RMS of its filter's original
+weights (plain Adam, whose steps ignore a layer's scale, made BN-folded students worse within
+ten steps), on a cosine schedule over the time or step budget. The held-out samples that the
+quality figure uses decide which checkpoint is returned: never worse than the start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..data.calibration import Calibration, Preprocess
+from ..data.views import Augment, Views
+from ..errors import UserInputError
+from ..graph.backward import NoGradient, backpropagate, static_shapes, with_batch
+from ..graph.constants import attribute
+from ..graph.runtime import best_providers, session
+from ..measure.quality import OutputKind, Quality, QualityProbe
+from ..progress import Meter
+
+PARAMETERS = ("all", "affine")
+TRAINED_OPS = {  # op type -> (input positions whose initializers train, the filter axis of input 1 or None)
+    "Conv": ((1, 2), 0),
+    "ConvTranspose": ((1, 2), 1),
+    "Gemm": ((1, 2), None),  # the filter axis follows transB
+    "MatMul": ((1,), -1),
+    "PRelu": ((1,), None),
+    "BatchNormalization": ((1, 2), None),
+    "Mul": ((0, 1), None),
+    "Add": ((0, 1), None),
+}
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How long and how the student trains. Set `seconds`, `steps`, or both (whichever ends first)."""
+
+    seconds: float | None = None
+    steps: int | None = None
+    batch: int | None = None  # None: by the input's size (`default_batch`)
+    lr: float = 2e-3  # Adam's step, as a share of each filter's RMS
+    temperature: float = 2.0  # classifiers' softening
+    parameters: str = "all"  # all kept weights, or "affine": one scale per filter and the biases
+    evaluations: int = 12  # held-out checks over the budget
+    augment: Augment = Augment()
+    warmup: float = 0.03  # share of the budget over which the step rises to lr
+    seed: int = 0
+    provider: str | None = None
+
+    @property
+    def budget(self) -> str:
+        parts = ([f"{_duration(self.seconds)}"] if self.seconds else []) + ([f"{self.steps} steps"] if self.steps
+                                                                             else [])
+        return " or ".join(parts)
+
+
+@dataclass
+class DistillReport:
+    steps: int = 0
+    views: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    provider: str = ""
+    batch: int = 0
+    parameters: str = "all"
+    trained_tensors: int = 0
+    trained_values: int = 0
+    measure: str = ""  # what the held-out figure is, e.g. "top-1 agreement"
+    before: float | None = None
+    after: float | None = None
+    best_step: int = 0
+    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss", "held_out"}
+    loss_on: list[str] = field(default_factory=list)  # tensors the loss is taken on
+    note: str = ""  # why the loss moved off an output, or why nothing was kept
+    images_per_second: float = 0.0
+    data: str = ""
+
+    def summary(self) -> str:
+        moved = (f"held-out {self.measure} {self.before:.3f} -> {self.after:.3f}" if self.before is not None
+                 else "no held-out measure")
+        kept = "" if self.best_step or self.before is None else "; no checkpoint beat the start: the start is returned"
+        line = (f"{self.steps:,} steps, {self.views:,} augmented views of {self.images:,} {self.data}, "
+                f"{_duration(self.seconds)} on {self.provider} ({self.images_per_second:.1f} views/s); {moved}{kept}")
+        return line + (f" ({self.note})" if self.note else "")
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '15m', '90s', '1h30m', '2h' or a plain number of seconds; ValueError otherwise."""
+    text = str(text).strip().lower()
+    if not text:
+        raise ValueError("empty duration")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    for char in text:
+        if char.isdigit() or char == ".":
+            number += char
+        elif char in "hms" and number:
+            total += float(number) * {"h": 3600, "m": 60, "s": 1}[char]
+            number = ""
+        else:
+            raise ValueError(f"'{text}' is not a duration such as 15m, 90s or 1h30m")
+    if number:
+        raise ValueError(f"'{text}' is not a duration such as 15m, 90s or 1h30m")
+    return total
+
+
+def default_batch(shape: tuple[int, ...]) -> int:
+    """Views per step: 64 for CIFAR-sized inputs, 16 at 224×224, 8 at 320×320 and above."""
+    pixels = int(np.prod(shape[1:])) / min(shape[1:])  # per channel, whichever axis holds them
+    return int(np.clip(2 ** round(math.log2(16 * 224 * 224 / pixels)), 8, 64))
+
+
+def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Calibration | None,
+            probe: QualityProbe, input_shapes: dict[str, tuple[int, ...]], settings: DistillSettings,
+            preprocess: Preprocess | None = None, progress: bool = False,
+            on_checkpoint=None) -> tuple[onnx.ModelProto, DistillReport]:
+    """`student` trained towards `original` on augmented views of the calibration's fitting samples.
+
+    Image files are read again for every view (`calibration.fit_paths`); other samples are cropped
+    and mixed as arrays. The probe's held-out samples choose the checkpoint returned.
+    `on_checkpoint(point, model)`, if given, sees every evaluated checkpoint (its time is not
+    counted against the budget): benchmarks measure accuracy along the way with it.
+    """
+    if calibration is None:
+        raise UserInputError("distillation needs calibration data: give --calib DIR (or allow the synthetic images)")
+    if len(input_shapes) != 1:
+        raise UserInputError("distillation takes models with one input (an image batch)")
+    name, shape = next(iter(input_shapes.items()))
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        raise UserInputError(f"distillation needs an image input of static size, not '{name}' {tuple(shape)}; "
+                             "give --input-shape")
+    if settings.parameters not in PARAMETERS:
+        raise UserInputError(f"--distill-parameters must be one of {', '.join(PARAMETERS)}")
+    if calibration.fit_paths is not None:
+        views = Views(name, shape, preprocess, paths=list(calibration.fit_paths), augment=settings.augment,
+                      seed=settings.seed)
+        data = "calibration images"
+    else:
+        views = Views(name, shape, preprocess, arrays=calibration.fit[name], augment=settings.augment,
+                      seed=settings.seed)
+        data = "synthetic images" if calibration.synthetic else "calibration samples"
+    meter = Meter(progress, f"distilling ({settings.budget})")
+    distiller = Distiller(original, student, views, probe, settings, progress=meter, on_checkpoint=on_checkpoint)
+    distiller.report.data = data
+    try:
+        model = distiller.run()
+    finally:
+        meter.close()
+    return model, distiller.report
+
+
+# ---- the training model ---------------------------------------------------------------------------------------------
+@dataclass
+class _Target:
+    tensor: str  # the student's tensor the loss reads
+    kind: OutputKind
+    teacher: str  # the teacher's tensor it is compared with (the same name, or the logits of a Softmax output)
+    weights: np.ndarray | None = None  # dense: 1 / channel variance, broadcastable
+
+
+@dataclass
+class _Parameter:
+    name: str
+    value: np.ndarray  # the current value (float32)
+    scale: np.ndarray  # Adam's step multiplier: the filter's (or the vector's) RMS, broadcastable
+    filter_axis: int | None  # the axis of the filters, None for a bias-like vector
+    affine: bool  # trained as one scale per filter (the weights' directions kept)
+    first: np.ndarray = None
+    second: np.ndarray = None
+
+
+def trainable(model: onnx.ModelProto, parameters: str = "all") -> dict[str, int | None]:
+    """Initializer name -> its filter axis (None: trained as a vector), for the weights distillation trains.
+
+    Float initializers read at the positions `TRAINED_OPS` lists; with "affine", Conv/Gemm/MatMul
+    weights still appear (their filters are scaled, not reshaped).
+    """
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    found = {}
+    for node in model.graph.node:
+        positions, axis = TRAINED_OPS.get(node.op_type, ((), None))
+        for k in positions:
+            if k >= len(node.input) or node.input[k] not in inits:
+                continue
+            name = node.input[k]
+            dims = tuple(inits[name].dims)
+            if node.op_type in ("Mul", "Add") and int(np.prod(dims)) <= 1:
+                continue  # a scalar constant (x * 0.5): part of the function, not a per-channel parameter
+            if k == 1 and node.op_type == "Gemm":
+                axis = 0 if attribute(node, "transB", 0) else 1
+            found[name] = (axis % len(dims)) if k == 1 and axis is not None and len(dims) >= 2 else None
+    return found
+
+
+def training_model(student: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], targets: list[_Target],
+                   wrt: list[str], temperature: float) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The student at a fixed batch with `wrt` as inputs, teacher targets as inputs, and the gradients as outputs.
+
+    Inputs `target__<k>` hold, for classifier k, the teacher's probabilities at `temperature`; for a
+    dense target, the teacher's values, and `weight__<k>` 2 / (channel variance · values per batch).
+    Returns the model and wrt name -> gradient output name.
+    """
+    model = with_batch(student, input_shapes)
+    graph = model.graph
+    moved = {t.name: t for t in graph.initializer if t.name in set(wrt)}
+    kept = [t for t in graph.initializer if t.name not in moved]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = {i.name for i in graph.input}
+    for name, tensor in moved.items():
+        if name not in inputs:
+            graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    model.ir_version = max(model.ir_version, 4)  # inputs that are not initializers
+    shapes = static_shapes(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    seeds, nodes, inits = {}, [], []
+    for k, target in enumerate(targets):
+        shape = shapes[target.tensor]
+        feed = f"target__{k}"
+        graph.input.append(helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, list(shape)))
+        diff = f"distill__diff_{k}"
+        if target.kind.kind == "classifier":
+            scaled = f"distill__scaled_{k}"
+            inits.append(numpy_helper.from_array(np.array(1 / temperature, np.float32), f"distill__inv_t_{k}"))
+            nodes.append(helper.make_node("Mul", [target.tensor, f"distill__inv_t_{k}"], [scaled]))
+            soft = f"distill__soft_{k}"
+            axis = target.kind.axis
+            if opset < 13 and axis != len(shape) - 1:
+                raise NoGradient(f"a softmax over axis {axis} needs opset 13")
+            nodes.append(helper.make_node("Softmax", [scaled], [soft], axis=axis))
+            nodes.append(helper.make_node("Sub", [soft, feed], [diff]))
+            rows = int(np.prod(shape)) // shape[axis]
+            factor = np.array(temperature / rows, np.float32)  # d(T² KL)/dz = T (p_s - p_t), mean over rows
+            inits.append(numpy_helper.from_array(factor, f"weight__{k}"))
+        else:
+            nodes.append(helper.make_node("Sub", [target.tensor, feed], [diff]))
+            weight = [1] * len(shape)
+            weight[target.kind.axis] = shape[target.kind.axis]
+            graph.input.append(helper.make_tensor_value_info(f"weight__{k}", onnx.TensorProto.FLOAT, weight))
+        nodes.append(helper.make_node("Mul", [diff, f"weight__{k}"], [f"distill__seed_{k}"]))
+        seeds[target.tensor] = f"distill__seed_{k}"
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    grads = backpropagate(model, seeds, wrt, static_shapes(model))
+    outputs = {}
+    for name, grad in grads.items():
+        out = f"grad__{name}"
+        graph.node.append(helper.make_node("Identity", [grad], [out]))
+        graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, list(shapes[name])))
+        outputs[name] = out
+    known = {o.name for o in graph.output}
+    for target in targets:
+        if target.tensor not in known:
+            graph.output.append(helper.make_tensor_value_info(target.tensor, onnx.TensorProto.FLOAT,
+                                                              list(shapes[target.tensor])))
+    return model, outputs
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------------
+class Distiller:
+    """One student, its teacher and its data, ready to train for a budget."""
+
+    def __init__(self, original: onnx.ModelProto, student: onnx.ModelProto, views, probe: QualityProbe,
+                 settings: DistillSettings, progress=None, on_checkpoint=None):
+        self.original, self.student, self.views, self.probe, self.settings = original, student, views, probe, settings
+        self.progress, self.on_checkpoint = progress, on_checkpoint
+        self.timer: _Budget | None = None
+        self.providers = best_providers(settings.provider)
+        self.batch = settings.batch or default_batch(views.shape)
+        self.input = views.name
+        self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters)
+        self.rng = np.random.default_rng([settings.seed, 0xD15])
+
+    def targets(self, names: list[str]) -> list[_Target]:
+        """The loss's tensors: each output, or for a Softmax output the logits before it."""
+        producers = {o: n for n in self.student.graph.node for o in n.output}
+        targets = []
+        for name in names:
+            kind = self.probe.kinds.get(name) or OutputKind("dense", 1)
+            if kind.kind in ("integer",):
+                continue
+            tensor = name
+            node = producers.get(name)
+            if kind.kind == "classifier" and node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+                tensor = node.input[0]
+            if kind.kind == "scalar":
+                kind = OutputKind("dense", 1)
+            targets.append(_Target(tensor, kind, tensor))
+        return targets
+
+    def run(self) -> onnx.ModelProto:
+        s = self.settings
+        timer = self.timer = _Budget(s, time.perf_counter())
+        shape = (self.batch, *self.views.shape[1:])
+        names = [o.name for o in self.student.graph.output]
+        wanted = trainable(self.student, s.parameters)
+        targets, train_model, grads = self._training(names, wanted, shape)
+        teacher = self._teacher_model(targets)
+        teacher_session = session(teacher, self.providers)
+        train_session = session(train_model, self.providers)
+        self._set_weights(targets, teacher_session)
+        params = self._parameters(wanted, grads)
+        self.report.trained_tensors = len(params)
+        self.report.trained_values = int(sum(p.value.size for p in params))
+        self.report.loss_on = [t.tensor for t in targets]
+        self.report.images = self.views.count
+        best_score, _ = self._evaluate(params, 0, timer.elapsed(), None)
+        self.report.before = best_score
+        best_values = {p.name: p.value.copy() for p in params}
+        fetch = [grads[p.name] for p in params] + [t.tensor for t in targets]
+        step, losses = 0, []
+        checks = _checkpoints(s.evaluations)
+        train_begin = timer.elapsed()
+        for step in self._steps(timer):
+            x = self.views.batch(self.batch)
+            teacher_out = teacher_session.run([t.teacher for t in targets], {self.input: x})
+            feeds = {self.input: x}
+            for k, (target, value) in enumerate(zip(targets, teacher_out)):
+                feeds[f"target__{k}"] = self._target_feed(target, value)
+                if target.kind.kind != "classifier":
+                    feeds[f"weight__{k}"] = 2 * target.weights / value.size
+            feeds.update({p.name: p.value for p in params})
+            outs = train_session.run(fetch, feeds)
+            losses.append(self._loss(targets, outs[len(params):], teacher_out))
+            lr = s.lr * _schedule(timer.progress(step), s.warmup)
+            for p, grad in zip(params, outs[:len(params)]):
+                _adam(p, grad, lr, step)
+            if checks and timer.progress(step) >= checks[0]:
+                while checks and timer.progress(step) >= checks[0]:
+                    checks.pop(0)
+                score, _ = self._evaluate(params, step, timer.elapsed(), float(np.mean(losses)))
+                losses = []
+                if score is not None and (best_score is None or score > best_score):
+                    best_score, best_values = score, {p.name: p.value.copy() for p in params}
+                    self.report.best_step = step
+        elapsed = timer.elapsed() - train_begin
+        self.report.steps = step
+        self.report.views = step * self.batch
+        self.report.images_per_second = round(self.report.views / max(elapsed, 1e-9), 2)
+        if not checks or self.report.curve[-1]["step"] != step:
+            score, _ = self._evaluate(params, step, timer.elapsed(), float(np.mean(losses)) if losses
+                                      else None)
+            if score is not None and (best_score is None or score > best_score):
+                best_score, best_values = score, {p.name: p.value.copy() for p in params}
+                self.report.best_step = step
+        self.report.after = best_score
+        self.report.seconds = round(timer.elapsed(), 2)
+        return self._with_values(best_values, params)
+
+    def _steps(self, timer):
+        step = 0
+        while not timer.done(step):
+            step += 1
+            yield step
+            if self.progress is not None:
+                self.progress.update(timer.progress(step), self._status())
+
+    def _status(self) -> str:
+        curve = self.report.curve
+        if not curve or curve[-1]["held_out"] is None:
+            return ""
+        return f"held-out {self.report.measure} {curve[0]['held_out']:.3f} -> {curve[-1]['held_out']:.3f}"
+
+    def _training(self, names: list[str], wanted: dict, shape):
+        """The targets and the training model; an op with no rule moves the loss to the tensors it reads."""
+        targets = self.targets(names)
+        notes = []
+        for _ in range(8):
+            try:
+                model, grads = training_model(self.student, {self.input: shape}, targets, list(wanted),
+                                              self.settings.temperature)
+                self.report.note = "; ".join(notes)
+                return targets, model, grads
+            except NoGradient as err:
+                if not err.node:
+                    raise
+                moved = self._before(err.node, targets)
+                if not moved:
+                    raise
+                notes.append(f"{err}: the loss is taken on {', '.join(t.tensor for t in moved)}")
+                targets = [t for t in targets if t.tensor not in {m.tensor for m in moved}
+                           and not self._reaches(err.node, t.tensor)] + moved
+        raise NoGradient("too many ops without a backward rule before the outputs")
+
+    def _before(self, node_name: str, targets: list[_Target]) -> list[_Target]:
+        """Dense targets on the float inputs of `node_name` that the prune left at the original's shape."""
+        node = next(n for n in self.student.graph.node if (n.name or n.output[0]) == node_name)
+        original_shapes = static_shapes(with_batch(self.original, {self.input: (1, *self.views.shape[1:])}))
+        student_shapes = static_shapes(with_batch(self.student, {self.input: (1, *self.views.shape[1:])}))
+        inits = {t.name for t in self.student.graph.initializer}
+        moved = []
+        for name in node.input:
+            if not name or name in inits or name not in student_shapes.types or \
+                    student_shapes.types.get(name) != onnx.TensorProto.FLOAT:
+                continue
+            if original_shapes.get(name) != student_shapes.get(name) or len(student_shapes.get(name, ())) < 2:
+                continue
+            moved.append(_Target(name, OutputKind("dense", 1), name))
+        return moved
+
+    def _reaches(self, node_name: str, tensor: str) -> bool:
+        """Whether `tensor` is computed from the output of `node_name`."""
+        node = next(n for n in self.student.graph.node if (n.name or n.output[0]) == node_name)
+        reached = set(node.output)
+        for n in self.student.graph.node:
+            if any(i in reached for i in n.input):
+                reached.update(n.output)
+        return tensor in reached
+
+    def _teacher_model(self, targets: list[_Target]) -> onnx.ModelProto:
+        model = onnx.ModelProto.FromString(self.original.SerializeToString())
+        known = {o.name for o in model.graph.output}
+        for t in targets:
+            if t.teacher not in known:
+                model.graph.output.append(helper.make_tensor_value_info(t.teacher, onnx.TensorProto.FLOAT, None))
+        return model
+
+    def _set_weights(self, targets: list[_Target], teacher_session) -> None:
+        """Each dense target's 1 / channel variance, from the teacher on a few batches of views."""
+        dense = [t for t in targets if t.kind.kind != "classifier"]
+        if not dense:
+            return
+        samples = [teacher_session.run([t.teacher for t in dense], {self.input: self.views.batch(self.batch)})
+                   for _ in range(max(1, 64 // self.batch))]
+        for k, target in enumerate(dense):
+            values = np.concatenate([run[k] for run in samples])
+            axis = target.kind.axis % values.ndim
+            moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+            var = moved.var(1)
+            floor = max(float(var.max()) * 1e-6, 1e-12)
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            target.weights = (1.0 / np.maximum(var, floor)).astype(np.float32).reshape(shape)
+
+
+    def _target_feed(self, target: _Target, value: np.ndarray) -> np.ndarray:
+        if target.kind.kind != "classifier":
+            return np.ascontiguousarray(value, np.float32)
+        scaled = value.astype(np.float32) / self.settings.temperature
+        scaled = scaled - scaled.max(target.kind.axis, keepdims=True)
+        e = np.exp(scaled)
+        return (e / e.sum(target.kind.axis, keepdims=True)).astype(np.float32)
+
+    def _loss(self, targets, student_out, teacher_out) -> float:
+        total = 0.0
+        for target, s, t in zip(targets, student_out, teacher_out):
+            if target.kind.kind == "classifier":
+                temp, axis = self.settings.temperature, target.kind.axis
+                p = self._target_feed(target, t)
+                log_q = s / temp - s.max(axis, keepdims=True) / temp
+                log_q = log_q - np.log(np.exp(log_q).sum(axis, keepdims=True))
+                kl = (p * (np.log(np.maximum(p, 1e-30)) - log_q)).sum(axis)
+                total += float(temp * temp * kl.mean())
+            else:
+                total += float(np.mean((s - t) ** 2 * target.weights))
+        return total
+
+    def _parameters(self, wanted: dict, grads: dict) -> list[_Parameter]:
+        values = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in self.student.graph.initializer
+                  if t.name in grads}
+        params = []
+        for name, value in values.items():
+            axis = wanted.get(name)
+            affine = self.settings.parameters == "affine" and axis is not None
+            moment = np.zeros_like(value) if not affine else np.zeros(_filter_shape(value, axis), np.float32)
+            params.append(_Parameter(name, value.copy(), _rms_scale(value, axis), axis, affine, moment,
+                                     moment.copy()))
+        return params
+
+    def _with_values(self, values: dict[str, np.ndarray], params) -> onnx.ModelProto:
+        """The student's graph with new initializer values: names, shapes, opset and metadata unchanged."""
+        model = onnx.ModelProto.FromString(self.student.SerializeToString())
+        for k, tensor in enumerate(model.graph.initializer):
+            if tensor.name in values:
+                model.graph.initializer[k].CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+        return model
+
+    def _evaluate(self, params, step: int, seconds: float, loss: float | None):
+        """The held-out score of the current weights (mean over outputs of agreement or R²), recorded."""
+        model = self._with_values({p.name: p.value for p in params}, params)
+        quality = self.probe.measure(model)
+        score, measure = _score(quality)
+        self.report.measure = measure
+        self.report.curve.append({"step": step, "seconds": round(seconds, 2),
+                                  "loss": None if loss is None else round(loss, 6),
+                                  "held_out": None if score is None else round(score, 6)})
+        if self.on_checkpoint is not None:
+            begin = time.perf_counter()
+            self.on_checkpoint(self.report.curve[-1], model)
+            if self.timer is not None:
+                self.timer.start += time.perf_counter() - begin
+        return score, quality
+
+
+def _score(quality: Quality) -> tuple[float | None, str]:
+    """One number to choose checkpoints by: the mean of the outputs' agreement or R² (higher is better)."""
+    rated = [q for q in quality.outputs.values() if q.value is not None and q.metric in ("agreement", "r2", "match")]
+    if not rated:
+        errors = [q for q in quality.outputs.values() if q.value is not None]
+        return (-float(np.mean([q.value for q in errors])), "negated relative error") if errors else (None, "n/a")
+    metrics = sorted({q.metric for q in rated})
+    name = {"agreement": "top-1 agreement", "r2": "mean R²", "match": "exact match"}
+    return float(np.mean([q.value for q in rated])), " and ".join(name[m] for m in metrics)
+
+
+def _rms_scale(value: np.ndarray, axis: int | None) -> np.ndarray:
+    """Each filter's RMS along `axis` (a vector's own RMS otherwise), zero filters given their layer's."""
+    whole = float(np.sqrt(np.mean(value.astype(np.float64) ** 2))) or 1e-2
+    if axis is None or value.ndim < 2:
+        return np.array(whole, np.float32)
+    others = tuple(a for a in range(value.ndim) if a != axis)
+    rms = np.sqrt(np.mean(value.astype(np.float64) ** 2, axis=others, keepdims=True))
+    return np.where(rms > 0, rms, whole).astype(np.float32)
+
+
+def _filter_shape(value: np.ndarray, axis: int) -> tuple[int, ...]:
+    return tuple(size if a == axis else 1 for a, size in enumerate(value.shape))
+
+
+def _adam(p: _Parameter, grad: np.ndarray, lr: float, step: int, b1: float = 0.9, b2: float = 0.999) -> None:
+    if p.affine:
+        others = tuple(a for a in range(grad.ndim) if a != p.filter_axis)
+        grad = np.sum(grad * p.value, axis=others, keepdims=True)  # d loss / d log-scale of each filter
+    p.first *= b1
+    p.first += (1 - b1) * grad
+    p.second *= b2
+    p.second += (1 - b2) * grad * grad
+    move = (p.first / (1 - b1 ** step)) / (np.sqrt(p.second / (1 - b2 ** step)) + 1e-12)
+    if p.affine:
+        p.value *= np.exp(-lr * move).astype(np.float32)
+    else:
+        p.value -= (lr * p.scale * move).astype(np.float32)
+
+
+def _schedule(progress: float, warmup: float) -> float:
+    """Linear warm-up, then half a cosine down to zero."""
+    if progress < warmup:
+        return (progress + 1e-3) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))))
+
+
+def _checkpoints(count: int) -> list[float]:
+    return [k / count for k in range(1, count)]
+
+
+class _Budget:
+    """Where a run stands against its time and step budget, as a share in [0, 1]."""
+
+    def __init__(self, settings: DistillSettings, start: float):
+        self.seconds, self.steps, self.start = settings.seconds, settings.steps, start
+        self.step_seconds = 0.0
+        self.last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        shares = []
+        if self.seconds:
+            shares.append(self.elapsed() / self.seconds)
+        if self.steps:
+            shares.append(step / self.steps)
+        return min(1.0, max(shares) if shares else 1.0)
+
+    def done(self, step: int) -> bool:
+        now = time.perf_counter()
+        if step:
+            self.step_seconds = 0.8 * self.step_seconds + 0.2 * (now - self.last) if self.step_seconds else now - self.last
+        self.last = now
+        if self.steps and step >= self.steps:
+            return True
+        # stop one step early rather than overrun the time given
+        return bool(self.seconds) and now - self.start + self.step_seconds > self.seconds

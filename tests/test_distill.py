@@ -1,0 +1,306 @@
+"""Distillation: the training model's gradients, the loop's promises, the views, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from onnx_whc.api import distill, prune
+from onnx_whc.cli import main
+from onnx_whc.data.calibration import Calibration, Preprocess
+from onnx_whc.data.views import Augment, Views
+from onnx_whc.measure.quality import OutputKind, QualityProbe
+from onnx_whc.recovery.distill import (DistillSettings, Distiller, _Target, default_batch, parse_duration, trainable,
+                                       training_model)
+
+from .builder import GraphBuilder
+
+
+def _classifier(seed: int = 0, softmax: bool = True, side: int = 12) -> onnx.ModelProto:
+    b = GraphBuilder(opset=17, seed=seed)
+    x = b.input("x", [1, 3, side, side])
+    y = b.relu(b.conv(x, 8, k=3, stride=2, name="stem"))
+    y = b.relu(b.conv(y, 8, k=3, group=8, name="dw"))
+    y = b.op("Add", [y, b.conv(y, 8, k=1, name="proj")])
+    logits = b.op("Mul", [b.gemm(b.flatten(b.global_average_pool(y)), 5, name="head"), b.const(np.float32(20))])
+    return b.build(outputs=[b.softmax(logits, axis=1) if softmax else logits])
+
+
+def _detector(seed: int = 0) -> onnx.ModelProto:
+    """A dense output whose channels differ in scale by 1000x, read through Sigmoid·Mul and a Resize."""
+    b = GraphBuilder(opset=17, seed=seed)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(x, 6, k=3, name="c1")
+    y = b.op("Mul", [y, b.sigmoid(y)])
+    y = b.op("Resize", [y, "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    y = b.conv(y, 4, k=1, name="head")
+    scale = b.const(np.array([1000, 1, 1, 0.001], np.float32).reshape(1, 4, 1, 1))
+    return b.build(outputs=[b.op("Mul", [y, scale])])
+
+
+def _perturbed(model: onnx.ModelProto, amount: float, seed: int = 1) -> onnx.ModelProto:
+    """The same graph with noise on every weight of its convs and Gemms: a student to heal."""
+    student = onnx.ModelProto.FromString(model.SerializeToString())
+    rng = np.random.default_rng(seed)
+    names = set(trainable(student))
+    for k, t in enumerate(student.graph.initializer):
+        if t.name in names:
+            value = numpy_helper.to_array(t)
+            noisy = value + amount * np.std(value) * rng.standard_normal(value.shape).astype(np.float32)
+            student.graph.initializer[k].CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), t.name))
+    return student
+
+
+def _run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def _calibration(n: int = 60, side: int = 12, seed: int = 0) -> Calibration:
+    """Smooth images (blocks of 4×4 pixels plus a little noise): a conv net's classes depend on them."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.standard_normal((n, 3, side // 4, side // 4)).astype(np.float32)
+    x = np.repeat(np.repeat(blocks, 4, 2), 4, 3) + 0.3 * rng.standard_normal((n, 3, side, side)).astype(np.float32)
+    return Calibration.of({"x": x}, "test samples")
+
+
+@pytest.mark.parametrize("text, seconds", [("15m", 900), ("90s", 90), ("1h30m", 5400), ("2h", 7200), ("45", 45),
+                                           ("0.5m", 30)])
+def test_durations_read_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "15x", "m", "1h30", "fast"])
+def test_a_duration_that_is_none_says_so(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_views_per_step_follow_the_input_size():
+    assert default_batch((1, 3, 32, 32)) == 64
+    assert default_batch((1, 3, 224, 224)) == 16
+    assert default_batch((1, 3, 320, 320)) == 8
+    assert default_batch((1, 64, 64, 1)) == 64  # channels last
+
+
+def _loss(targets, outs, teacher_outs, temperature, weights):
+    total = 0.0
+    for target, s, t, w in zip(targets, outs, teacher_outs, weights):
+        if target.kind.kind == "classifier":
+            def soft(z):
+                z = z / temperature - (z / temperature).max(1, keepdims=True)
+                return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+            p, q = soft(t.astype(np.float64)), soft(s.astype(np.float64))
+            total += temperature ** 2 * float(np.mean(np.sum(p * (np.log(p) - np.log(q)), 1)))
+        else:
+            total += float(np.mean((s.astype(np.float64) - t) ** 2 * w))
+    return total
+
+
+@pytest.mark.parametrize("which", ["classifier", "detector"])
+def test_training_gradients_match_finite_differences_of_the_loss(which):
+    """The gradient outputs of the training model are those of T²·KL (classifier) or the variance-weighted
+    squared error (dense), checked along random directions of every trained weight at once."""
+    teacher = _classifier(0) if which == "classifier" else _detector(0)
+    student = _perturbed(teacher, 0.3)
+    rng = np.random.default_rng(2)
+    shape = (4, 3, 12, 12) if which == "classifier" else (4, 3, 8, 8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    wanted = list(trainable(student))
+    producers = {o: n for n in student.graph.node for o in n.output}
+    out = student.graph.output[0].name
+    if which == "classifier":
+        logits = producers[out].input[0]
+        targets = [_Target(logits, OutputKind("classifier", 1), logits)]
+        teacher_model = onnx.ModelProto.FromString(teacher.SerializeToString())
+        teacher_model.graph.output.append(onnx.helper.make_tensor_value_info(logits, 1, None))
+        t = _run(teacher_model, x)[1]
+        temperature = 2.0
+        e = np.exp(t / temperature - (t / temperature).max(1, keepdims=True))
+        feeds = {"target__0": (e / e.sum(1, keepdims=True)).astype(np.float32)}
+        weights = [None]
+    else:
+        targets = [_Target(out, OutputKind("dense", 1), out)]
+        t = _run(teacher, x)[0]
+        temperature = 1.0
+        w = (1 / t.transpose(1, 0, 2, 3).reshape(4, -1).var(1)).reshape(1, 4, 1, 1).astype(np.float32)
+        feeds = {"target__0": t, "weight__0": (2 * w / t.size).astype(np.float32)}
+        weights = [w]
+    model, grads = training_model(student, {"x": shape}, targets, wanted, temperature)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer if t.name in grads}
+    # every weight and bias, and the detector's per-channel output scale
+    assert set(values) == set(wanted) and len(wanted) == (8 if which == "classifier" else 5)
+
+    def loss_at(vals):
+        outs = sess.run([targets[0].tensor], {"x": x, **feeds, **vals})
+        return _loss(targets, outs, [t], temperature, weights)
+
+    analytic = dict(zip(values, sess.run([grads[n] for n in values], {"x": x, **feeds, **values})))
+    for _ in range(3):
+        direction = {n: rng.standard_normal(v.shape).astype(np.float32) * (np.std(v) + 1e-3) for n, v in values.items()}
+        eps = 2e-3
+        plus = loss_at({n: v + eps * direction[n] for n, v in values.items()})
+        minus = loss_at({n: v - eps * direction[n] for n, v in values.items()})
+        numeric = (plus - minus) / (2 * eps)
+        predicted = sum(float(np.sum(analytic[n] * direction[n])) for n in values)
+        assert predicted == pytest.approx(numeric, rel=3e-2, abs=1e-4)
+
+
+def test_distillation_heals_a_student_and_keeps_its_graph():
+    teacher = _classifier(0)
+    student = _perturbed(teacher, 0.5)
+    calibration = _calibration(300)
+    probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
+    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
+    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=150, batch=16, lr=0.01))
+    healed = distiller.run()
+    report = distiller.report
+    assert report.after > report.before + 0.1, report.curve
+    assert report.steps == 150 and report.views == 150 * 16 and report.best_step > 0
+    # the same graph, new initializer values only
+    assert [n.SerializeToString() for n in healed.graph.node] == [n.SerializeToString() for n in student.graph.node]
+    assert [(t.name, list(t.dims)) for t in healed.graph.initializer] == \
+        [(t.name, list(t.dims)) for t in student.graph.initializer]
+    assert healed.opset_import == student.opset_import and healed.ir_version == student.ir_version
+    changed = [t.name for t, s in zip(healed.graph.initializer, student.graph.initializer)
+               if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(s))]
+    assert set(changed) == set(trainable(student))
+
+
+def test_never_worse_than_the_start():
+    """A step far too large ruins every checkpoint: the start comes back, and the summary says so."""
+    teacher = _classifier(0)
+    student = _perturbed(teacher, 0.05)
+    calibration = _calibration(80)
+    probe = QualityProbe(teacher, calibration.held, "held-out", 64)
+    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
+    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=12, batch=8, lr=50.0, warmup=0.0))
+    healed = distiller.run()
+    assert distiller.report.best_step == 0
+    assert "the start is returned" in distiller.report.summary()
+    for a, b in zip(healed.graph.initializer, student.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_affine_training_scales_whole_filters_and_moves_biases():
+    teacher = _classifier(0)
+    student = _perturbed(teacher, 0.3)
+    calibration = _calibration(60)
+    probe = QualityProbe(teacher, calibration.held, "held-out", 64)
+    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
+    # the held-out checks choose no checkpoint here: every step is returned
+    settings = DistillSettings(steps=20, batch=8, lr=0.05, parameters="affine", evaluations=1)
+    distiller = Distiller(teacher, student, views, probe, settings)
+    distiller._evaluate = lambda params, step, seconds, loss: (float(step), None)  # the last step is the best
+    healed = distiller.run()
+    before = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in healed.graph.initializer}
+    axes = trainable(student)
+    scaled = 0
+    for name, axis in axes.items():
+        if axis is None:
+            continue
+        w0 = np.moveaxis(before[name], axis, 0).reshape(before[name].shape[axis], -1)
+        w1 = np.moveaxis(after[name], axis, 0).reshape(after[name].shape[axis], -1)
+        ratio = w1 / np.where(w0 == 0, 1, w0)
+        np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-4, atol=1e-6)
+        scaled += int(not np.allclose(ratio, 1))
+    assert scaled >= 3
+    biases = [n for n, a in axes.items() if a is None and before[n].ndim == 1]
+    assert any(not np.array_equal(before[n], after[n]) for n in biases)
+
+
+def test_an_op_without_a_rule_moves_the_loss_to_what_it_reads():
+    b = GraphBuilder(opset=17, seed=0)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(b.relu(b.conv(x, 6, k=3, name="c1")), 4, k=1, name="c2")
+    teacher = b.build(outputs=[b.op("Round", [y], name="rounding")])
+    student = _perturbed(teacher, 0.3)
+    calibration = _calibration(40, side=8)
+    probe = QualityProbe(teacher, calibration.held, "held-out", 64)
+    views = Views("x", (1, 3, 8, 8), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
+    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=4, batch=8))
+    distiller.run()
+    assert distiller.report.loss_on == [y]
+    assert "Round node 'rounding'" in distiller.report.note and y in distiller.report.note
+
+
+def test_views_from_files_and_arrays_have_the_input_shape(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20 + 3 * i, 30, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    for mix in ("mixup", "cutmix", "none"):
+        views = Views("x", (1, 3, 16, 16), Preprocess(), paths=paths, augment=Augment(mix=mix), seed=0)
+        batch = views.batch(7)  # more than the images: each is used once before any again
+        assert batch.shape == (7, 3, 16, 16) and batch.dtype == np.float32
+        nhwc = Views("x", (1, 16, 16, 3), Preprocess(layout="NHWC"), paths=paths, augment=Augment(mix=mix))
+        assert nhwc.batch(3).shape == (3, 16, 16, 3)
+    arrays = rng.standard_normal((4, 3, 10, 10)).astype(np.float32)
+    views = Views("x", (1, 3, 10, 10), arrays=arrays, augment=Augment(scale=(1.0, 1.0), ratio=(1, 1), flip=False,
+                                                                       mix="none"))
+    np.testing.assert_allclose(np.sort(views.batch(4).ravel()), np.sort(arrays.ravel()), rtol=1e-6, atol=1e-6)
+
+
+def test_prune_with_distillation_reports_it(tmp_path):
+    model = _classifier(0, softmax=False)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((60, 3, 12, 12)).astype(np.float32))
+    pruned, report = prune(model, ratio=0.5, round_to=1, calib=str(calib), validate=False,
+                           distill=DistillSettings(steps=6, batch=8))
+    assert report.distill["steps"] == 6 and report.distill["views"] == 48
+    assert report.distill["before"] is not None and report.distill["after"] >= report.distill["before"]
+    assert "distill: 6 steps, 48 augmented views of" in report.summary()
+    assert "distill" in json.loads(report.to_json())
+    assert "distilled" in report.seconds
+
+
+def test_cli_prune_and_distill(tmp_path):
+    original = tmp_path / "model.onnx"
+    onnx.save(_classifier(0), original)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((60, 3, 12, 12)).astype(np.float32))
+    runner = CliRunner()
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    result = runner.invoke(main, ["prune", str(original), "--ratio", "0.5", "--round-to", "1", "--calib", str(calib),
+                                  "--distill-steps", "4", "--distill-batch", "8", "--report", str(report), "-o",
+                                  str(out), "--no-validate"])
+    assert result.exit_code == 0, result.output
+    assert "distill: 4 steps" in result.output
+    assert json.loads(report.read_text())["distill"]["steps"] == 4
+    assert (tmp_path / "report.distill.png").stat().st_size > 0
+    healed = tmp_path / "healed.onnx"
+    result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
+                                  "--distill-batch", "8", "-o", str(healed)])
+    assert result.exit_code == 0, result.output
+    assert "distill: 3 steps, 24 augmented views" in result.output
+    before, after = onnx.load(out), onnx.load(healed)
+    assert [n.name for n in before.graph.node] == [n.name for n in after.graph.node]
+    result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "-o", str(healed)])
+    assert result.exit_code == 2 and "give --time" in result.output
+    result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--time", "soon", "-o",
+                                  str(healed)])
+    assert result.exit_code == 2 and "not a duration" in result.output
+
+
+def test_distill_refuses_a_model_with_other_outputs(tmp_path):
+    original = _classifier(0)
+    other = _classifier(0)
+    other.graph.output[0].name = "something_else"
+    other.graph.node[-1].output[0] = "something_else"
+    calib = np.random.default_rng(0).standard_normal((30, 3, 12, 12)).astype(np.float32)
+    from onnx_whc.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="not the original's"):
+        distill(original, other, calib={"x": calib}, distill=DistillSettings(steps=1))
