@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from .constants import list_initializers_as_inputs
 from .dependency import ChannelAnalysis
-from .load import LoadedModel
+from .load import LoadedModel, graphsurgeon_to_stderr
 from .ops import consumer_weight_axis
 
 
@@ -74,6 +74,7 @@ def release_weights(graph: gs.Graph) -> None:
             tensor.values = np.zeros(0, dtype=tensor.values.dtype)
 
 
+@graphsurgeon_to_stderr()
 def export(graph: gs.Graph, loaded: LoadedModel) -> onnx.ModelProto:
     """Export a graph with the original model's IR version and metadata."""
     model = _export_streaming_weights(graph.cleanup())

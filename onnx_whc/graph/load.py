@@ -8,8 +8,10 @@ every node a unique name, and infers static shapes with a batch of one.
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,12 +20,24 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import UserInputError, first_line
 from . import storage
 from .storage import fits_protobuf
 
 ort.set_default_logger_severity(3)  # constant folding runs ORT; its warnings are noise here
+G_LOGGER.colors = False  # no colour codes, and no note that the colour package is missing
+
+
+@contextlib.contextmanager
+def graphsurgeon_to_stderr():
+    """Send what onnx-graphsurgeon prints to stderr (it prints its warnings on stdout: large
+    folded weights, folds that failed), so stdout carries only what the tool itself writes
+    (`analyze --json`). Works as a decorator too."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
 
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -162,6 +176,7 @@ def _undecodable(message) -> str | None:
     return None
 
 
+@graphsurgeon_to_stderr()
 def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
     """Read, check and fold a model; `input_shapes` fixes dynamic input dimensions."""
     # The checker parses a file into its own copy: run it before Python parses the file, so the
@@ -412,6 +427,7 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UserInputError(f"shape inference failed on this model ({first_line(err)})") from None
 
 
+@graphsurgeon_to_stderr()
 def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
     """Static shape of every tensor, on a weightless copy with the inputs fixed.
 

@@ -19,7 +19,7 @@ from .dependency import (
     slice_params,
     split_sizes,
 )
-from .load import LoadedModel, return_freed_memory
+from .load import LoadedModel, graphsurgeon_to_stderr, return_freed_memory
 from .ops import consumer_weight_axis, node_rule, normalize_axis, param_channel_axis, rule_for
 from .plan import PrunePlan
 from .reshape_target import reshape_target, rewrite_target
@@ -236,6 +236,7 @@ REWRITES = {
 }
 
 
+@graphsurgeon_to_stderr()
 def apply_plan(loaded: LoadedModel, analysis: ChannelAnalysis, plan: PrunePlan) -> gs.Graph:
     """Rewrite `loaded.graph` in place so the planned channels no longer exist."""
     surgeon = _Surgeon(loaded, analysis, plan)
