@@ -34,6 +34,7 @@ from .reports.report import (
     SweepRow,
     cost_dict,
     group_reports,
+    prunable_macs_share,
     validation_dict,
 )
 from .settings import Settings
@@ -51,7 +52,8 @@ def analyze(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> An
     analysis = analyze_channels(loaded)
     cost = model_cost(loaded.graph, loaded.shapes)
     groups = group_reports(analysis, loaded.shapes, cost.macs, loaded.graph)
-    return AnalysisReport(groups, cost.macs, cost.params, loaded.probe_sizes)
+    prunable = prunable_macs_share(analysis, loaded.shapes, cost.macs, loaded.graph)
+    return AnalysisReport(groups, cost.macs, cost.params, loaded.probe_sizes, prunable)
 
 
 def _check_number(value, option: str, interval: str) -> float:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from ..graph.dependency import ChannelAnalysis
 from ..graph.plan import PrunePlan
@@ -32,13 +35,17 @@ class AnalysisReport:
     macs: int
     params: int
     probe_sizes: dict[str, str] = field(default_factory=dict)  # dynamic image inputs: the size measured
+    # The MACs of the layers that read or write channels of a prunable group, over the model's: what
+    # pruning can cut into (each group's macs_share counts the layers writing its channels).
+    prunable_macs_share: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         lines = [f"{len(self.groups)} channel groups, {sum(g.prunable for g in self.groups)} prunable; "
-                 f"{self.macs / 1e6:.1f} M MACs, {self.params / 1e6:.3f} M params"]
+                 f"{self.macs / 1e6:.1f} M MACs, {self.params / 1e6:.3f} M params; "
+                 f"{100 * self.prunable_macs_share:.1f}% of the MACs in layers with prunable channels"]
         lines += [f"size: {note}" for note in self.probe_sizes.values()]
         for g in self.groups:
             state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons[:2])
@@ -162,13 +169,55 @@ def describe(q: dict) -> str:
     return OutputQuality(q["kind"], q["metric"], q["value"], q["cosine"], details).describe()
 
 
+def _channel_groups(analysis: ChannelAnalysis, group_of_root: dict[int, int], tensor) -> np.ndarray:
+    """The group of each channel of a tensor (-1 where its channels belong to no reported group)."""
+    atoms = analysis.maps.get(tensor.name) if tensor is not None else None
+    if atoms is None:
+        return np.zeros(0, np.int64)
+    return np.array([group_of_root.get(int(r), -1) for r in analysis.roots[atoms].tolist()], np.int64)
+
+
+def _layer_macs(analysis: ChannelAnalysis, shapes: dict, graph):
+    """(MACs, the group of each output channel, the groups of the input channels it reads) of every
+    Conv, ConvTranspose, Gemm and MatMul."""
+    group_of_root = {int(r): g.id for g in analysis.groups for r in g.classes.tolist()}
+    for node in graph.nodes:
+        macs = node_macs(node, shapes)
+        if macs:
+            reads = _channel_groups(analysis, group_of_root, node.inputs[0]) if analysis.reads_channels(node) \
+                else np.zeros(0, np.int64)
+            yield macs, _channel_groups(analysis, group_of_root, node.outputs[0]), reads
+
+
+def macs_by_group(analysis: ChannelAnalysis, shapes: dict, graph) -> dict[int, float]:
+    """Each layer's MACs counted once, in the group of its output channels (its filters; a depthwise
+    Conv's follow its input), split by channel count when they belong to several groups. Layers whose
+    outputs belong to no group (a MatMul of two activations) count in none: the groups' shares of
+    the model's MACs add up to at most 1."""
+    macs = defaultdict(float)
+    for layer, writes, _ in _layer_macs(analysis, shapes, graph):
+        for g, count in zip(*np.unique(writes[writes >= 0], return_counts=True)):
+            macs[int(g)] += layer * int(count) / len(writes)
+    return dict(macs)
+
+
+def prunable_macs_share(analysis: ChannelAnalysis, shapes: dict, total_macs: int, graph) -> float:
+    """The share of the model's MACs in layers that read or write channels of at least one prunable
+    group: the layers pruning can make cheaper."""
+    prunable = {g.id for g in analysis.groups if g.prunable}
+    macs = sum(layer for layer, writes, reads in _layer_macs(analysis, shapes, graph)
+               if prunable.intersection(writes.tolist()) or prunable.intersection(reads.tolist()))
+    return macs / total_macs if total_macs else 0.0
+
+
 def group_reports(analysis: ChannelAnalysis, shapes: dict, total_macs: int, graph,
                   plan: PrunePlan | None = None) -> list[GroupReport]:
-    nodes = {n.name: n for n in graph.nodes}
+    """Every group: its members, its share of the MACs (`macs_by_group`), why it is fixed, what went."""
+    by_group = macs_by_group(analysis, shapes, graph)
     decisions = {d.group.id: d for d in plan.decisions} if plan else {}
     reports = []
     for group in analysis.groups:
-        macs = sum(node_macs(nodes[n], shapes) for n in group.nodes if n in nodes)
+        macs = by_group.get(group.id, 0.0)
         decision = decisions.get(group.id)
         reasons = list(group.reasons) or ([decision.skipped] if decision and decision.skipped else [])
         report = GroupReport(
