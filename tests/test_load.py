@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from onnx_whc.api import analyze
 from onnx_whc.graph.load import load
 
 from .builder import GraphBuilder
@@ -135,25 +136,26 @@ def test_old_ir_with_initializers_as_inputs(ratio):
 
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_initializer_shared_by_two_convs(ratio):
-    """Two convs read one weight; one is fixed by a graph output, the other is pruned.
-
-    The fixed conv must still read the original weight, whole.
-    """
+    """Two convs read one weight; one is fixed by a graph output. The readers of a weight lose the
+    same channels (one weight serves them), so the other keeps its filters too, with the reason."""
     b = GraphBuilder()
     x = b.input("x", [1, 3, 8, 8])
     a = b.conv(x, 16, name="fixed")
     y = b.op("Conv", [x, "fixed.weight", "fixed.bias"], name="pruned", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     model = b.build([a, b.conv(b.relu(y), 4, name="head", c_in=16)])
     original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fixed.weight"))
+    group = next(g for g in analyze(model).groups if "pruned" in g.nodes)
+    assert "feeds graph output 'fixed'" in group.reasons[0] and set(group.producers) == {"fixed", "pruned"}
     pruned, _ = prune_and_compare(model, ratio)
     np.testing.assert_array_equal(weight(pruned, "fixed"), original)
-    assert out_channels(pruned, "pruned") == keep(16, ratio)
-    assert node_named(pruned, "fixed").input[1] != node_named(pruned, "pruned").input[1]
+    assert node_named(pruned, "fixed").input[1] == node_named(pruned, "pruned").input[1]
+    assert in_channels(pruned, "head") == 16
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
-def test_initializer_shared_by_two_convs_pruned_differently(ratio):
-    """Both readers of the shared weight are pruned, but in different groups with different scores."""
+def test_initializer_shared_by_two_convs_loses_the_same_filters(ratio):
+    """Both readers of the shared weight are pruned: their groups (one coupled with 'partner' by an
+    Add) join, lose the same filters, and one sliced weight and bias serve both."""
     b = GraphBuilder()
     x = b.input("x", [1, 3, 8, 8])
     p = b.relu(b.conv(x, 16, name="p"))
@@ -162,10 +164,11 @@ def test_initializer_shared_by_two_convs_pruned_differently(ratio):
     y = b.op("Add", [b.conv(p, 4, name="head_p", c_in=16), b.conv(q, 4, name="head_q", c_in=16)])
     model = b.build([y])
     pruned, plan = prune_and_compare(model, ratio)
-    assert out_channels(pruned, "p") == out_channels(pruned, "q") == keep(16, ratio)
-    removed = {frozenset(p.node.name for p, _ in d.group.producers): d.removed.tolist() for d in plan.decisions}
-    assert removed[frozenset({"p"})] != removed[frozenset({"q", "partner"})]
-    assert not np.array_equal(weight(pruned, "p"), weight(pruned, "q"))
+    assert out_channels(pruned, "p") == out_channels(pruned, "q") == out_channels(pruned, "partner") == keep(16, ratio)
+    assert [sorted(p.node.name for p, _ in d.group.producers) for d in plan.decisions if len(d.removed)] == \
+        [["p", "partner", "q"]]
+    assert node_named(pruned, "p").input[1:] == node_named(pruned, "q").input[1:]
+    assert len(pruned.graph.initializer) == len(model.graph.initializer)  # the shared weight and bias: once each
 
 
 @pytest.mark.parametrize("ratio", RATIOS)

@@ -112,6 +112,7 @@ class _Tracer:
         self.node_spaces: dict[str, set[int]] = defaultdict(set)
         self.absorbed: set[str] = set()  # nodes a handler of an earlier node already traced
         self.readers: set[str] = set()  # nodes whose weights index the traced channels of their input
+        self.weight_readers: dict[str, tuple] = {}  # weight name -> (first reader, its input and output atoms)
 
     # ---- atoms -------------------------------------------------------------------------------
     def new_space(self, kind: str, node: str, size: int, fixed_reason: str | None = None) -> np.ndarray:
@@ -141,6 +142,26 @@ class _Tracer:
         for atom in atoms.tolist():
             self.fixed.setdefault(atom, reason)
 
+    def share_weight(self, node: gs.Node, ins: np.ndarray | None, outs: np.ndarray | None) -> None:
+        """Readers of one weight (siamese branches, a layer applied twice) lose the same channels, so
+        one sliced weight serves them all: their input channels are coupled, and their output channels.
+        Where one reader's channels cannot follow (untraced, or blocked), the others' stay too."""
+        weight = node.inputs[1]
+        if not isinstance(weight, gs.Constant):
+            return
+        first, first_ins, first_outs = self.weight_readers.setdefault(weight.name, (node.name, ins, outs))
+        if first == node.name:
+            return
+        reason = f"shares its weights {weight.name} with node {first} (node {node.name})"
+        for mine, theirs in ((ins, first_ins), (outs, first_outs)):
+            if mine is not None and theirs is not None and len(mine) == len(theirs):
+                self.couple(mine, theirs)
+                self.touch(node, theirs)
+            else:
+                for atoms in (mine, theirs):
+                    if atoms is not None:
+                        self.fix(atoms, reason)
+
     # ---- tensors -----------------------------------------------------------------------------
     def shape(self, tensor) -> tuple | None:
         if isinstance(tensor, gs.Constant):
@@ -163,6 +184,9 @@ class _Tracer:
         if axis != 1:
             self.axes[tensor.name] = axis
         self.touch(node, atoms)
+
+    def reads_channels(self, node: gs.Node) -> bool:
+        return node.name in self.readers
 
     def channels_first(self, node: gs.Node, tensor) -> bool:
         """Block the node (and say so) when it reads channels that a Transpose moved off axis 1."""
@@ -268,6 +292,11 @@ def _broadcast(t: _Tracer, node: gs.Node) -> None:
 
 
 def _conv(t: _Tracer, node: gs.Node) -> None:
+    _traced_conv(t, node)
+    t.share_weight(node, t.map_of(node.inputs[0]) if t.reads_channels(node) else None, t.map_of(node.outputs[0]))
+
+
+def _traced_conv(t: _Tracer, node: gs.Node) -> None:
     x, weight, out = node.inputs[0], node.inputs[1], node.outputs[0]
     if not isinstance(weight, gs.Constant):
         return t.block(node, "Conv weights are not constant", kind="conv")
@@ -306,6 +335,11 @@ def _conv(t: _Tracer, node: gs.Node) -> None:
 
 
 def _conv_transpose(t: _Tracer, node: gs.Node) -> None:
+    _traced_conv_transpose(t, node)
+    t.share_weight(node, t.map_of(node.inputs[0]) if t.reads_channels(node) else None, t.map_of(node.outputs[0]))
+
+
+def _traced_conv_transpose(t: _Tracer, node: gs.Node) -> None:
     weight = node.inputs[1]
     if not isinstance(weight, gs.Constant) or int(node.attrs.get("group", 1)) != 1:
         return t.block(node, "ConvTranspose with non-constant weights or groups", kind="conv")
@@ -588,6 +622,11 @@ def gemm_bias_prunable(node: gs.Node, features: int) -> bool:
 def _gemm(t: _Tracer, node: gs.Node) -> None:
     """A fully connected layer: a Gemm on 2-D features, or a MatMul over the last axis of its input
     (a Linear on rows, or per position on a channels-last map: Keras Dense, ConvNeXt's MLP)."""
+    _traced_gemm(t, node)
+    t.share_weight(node, t.map_of(node.inputs[0]) if t.reads_channels(node) else None, t.map_of(node.outputs[0]))
+
+
+def _traced_gemm(t: _Tracer, node: gs.Node) -> None:
     x, weight = node.inputs[0], node.inputs[1]
     atoms = t.map_of(x)
     if atoms is None:

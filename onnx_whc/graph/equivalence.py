@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import expansions
 from .constants import list_initializers_as_inputs
 from .dependency import ChannelAnalysis
 from .load import LoadedModel, graphsurgeon_to_stderr
@@ -78,6 +79,8 @@ def release_weights(graph: gs.Graph) -> None:
 def export(graph: gs.Graph, loaded: LoadedModel) -> onnx.ModelProto:
     """Export a graph with the original model's IR version and metadata."""
     model = _export_streaming_weights(graph.cleanup())
+    if loaded.expansions:
+        expansions.restore(model, expansions.unchanged(graph, loaded.expansions), loaded.expansions)
     model.ir_version = loaded.ir_version
     if loaded.initializers_as_inputs or loaded.ir_version < 4:
         list_initializers_as_inputs(model)

@@ -24,6 +24,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import UserInputError, first_line
 from . import storage
+from .expansions import Expansion, find_expansions
 from .storage import fits_protobuf
 
 ort.set_default_logger_severity(3)  # constant folding runs ORT; its warnings are noise here
@@ -37,7 +38,6 @@ def graphsurgeon_to_stderr():
     (`analyze --json`). Works as a decorator too."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
-
 
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -63,6 +63,7 @@ class LoadedModel:
     initializers_as_inputs: bool = False  # IR < 4 models list initializers among the inputs
     metadata: dict[str, str] = field(default_factory=dict)
     probe_sizes: dict[str, str] = field(default_factory=dict)  # input -> why it was measured at its size
+    expansions: dict[str, Expansion] = field(default_factory=dict)  # folded constants export writes back
 
 
 def read_model(source) -> onnx.ModelProto:
@@ -211,6 +212,7 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
     _name_nodes(graph)
     graph.fold_constants(error_ok=True).cleanup().toposort()
     _materialize(graph)
+    expansions = find_expansions(model, graph)
     meta = {p.key: p.value for p in model.metadata_props}
     static_inputs, probe_sizes = _static_input_shapes(graph, input_shapes or {}, meta)
     try:
@@ -226,7 +228,7 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
                              "with the size it runs at") from None
     if _fold_static_shape_reads(graph, static_inputs, shapes):
         shapes = infer_static_shapes(graph, static_inputs)
-    return LoadedModel(graph, shapes, static_inputs, ir_version, opset, as_inputs, meta, probe_sizes)
+    return LoadedModel(graph, shapes, static_inputs, ir_version, opset, as_inputs, meta, probe_sizes, expansions)
 
 
 def _fold_static_shape_reads(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]],

@@ -35,6 +35,7 @@ class _Surgeon:
             for tensor in node.inputs:
                 if isinstance(tensor, gs.Constant):
                     self.readers[tensor.name] = self.readers.get(tensor.name, 0) + 1
+        self.copies: dict[str, list[gs.Constant]] = {}  # a shared constant's rewritten values so far
 
     def keep(self, tensor) -> np.ndarray | None:
         mask = self.analysis.keep_mask(tensor.name, self.removed) if tensor is not None else None
@@ -44,9 +45,20 @@ class _Surgeon:
         return len(self.loaded.shapes[tensor.name])
 
     def set_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Give a node's constant input new values. A constant other nodes read too is never changed
+        under them: the node gets a copy, and readers left with equal values share one copy."""
         old = node.inputs[index]
-        name = old.name if self.readers.get(old.name, 0) <= 1 else f"{old.name}__{node.name}"
-        node.inputs[index] = gs.Constant(name, np.ascontiguousarray(values))
+        values = np.ascontiguousarray(values)
+        if self.readers.get(old.name, 0) <= 1:
+            node.inputs[index] = gs.Constant(old.name, values)
+            return
+        copies = self.copies.setdefault(old.name, [])
+        same = next((c for c in copies if c.values.dtype == values.dtype and c.values.shape == values.shape
+                     and np.array_equal(c.values, values)), None)
+        if same is None:
+            same = gs.Constant(f"{old.name}__{node.name}", values)
+            copies.append(same)
+        node.inputs[index] = same
 
     def slice_input(self, node: gs.Node, index: int, axis: int, mask: np.ndarray) -> None:
         values = np.asarray(node.inputs[index].values)

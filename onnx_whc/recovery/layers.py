@@ -55,7 +55,8 @@ class Affine:
 
 
 def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]) -> list[Layer]:
-    """Every layer whose input differs from the original's, in topological order.
+    """Every layer whose input differs from the original's, in topological order, but those whose
+    weight or bias another node reads too (siamese branches, a layer applied twice).
 
     A tensor differs when it lost channels or anything upstream of it did.
     """
@@ -73,7 +74,9 @@ def find_layers(model: onnx.ModelProto, keep: Callable[[str], np.ndarray | None]
         if not any(name in changed for name in inputs):
             continue
         changed.update(name for name in node.output if name)
-        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in weights:
+        # A layer whose weight or bias other nodes read too keeps them: refitting it alone would copy them.
+        shared = any(name in weights and len(readers[name]) > 1 for name in node.input[1:3])
+        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in weights and not shared:
             in_keep, out_keep = keep(node.input[0]), keep(node.output[0])
             residual = _residual(node.output[0], readers, weights)
             rectified = readers[node.output[0]][0].output[0] if residual else node.output[0]  # the Add's sum
