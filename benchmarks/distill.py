@@ -38,8 +38,10 @@ CELLS = {
     "resnet56-0.45-4000": ("resnet56_cifar10.onnx", "cifar10", 0.45, 20, "eval4000", "cifar"),
     "resnet56-synthetic": ("resnet56_cifar10.onnx", "cifar10", None, 20, None, "cifar"),
     "efficientnet_lite0-0.78": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
+    "yolov8n-0.7": ("yolov8n_nudenet.onnx", "yolo", 0.7, 60, "calib", "yolo"),
 }
-FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample"}
+FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample", "yolo": "imagenet-sample"}
+SIDES = {"cifar10": 32, "imagenet": 224, "yolo": 320}
 
 
 def _rows(dataset: str, split: str) -> list[dict]:
@@ -59,15 +61,52 @@ def _folder(dataset: str, images: str, tmp: Path) -> Path:
     return folder
 
 
-def _eval_set(dataset: str, images: str | None):
-    """(inputs, labels) the final top-1 is measured on, and a subset for the curve."""
-    x, y = load_split(dataset, "eval")
-    if images == "eval4000":  # the 5,000 eval images not trained on
-        keep = np.ones(len(x), bool)
-        keep[:8000:2] = False
-        x, y = x[keep], y[keep]
-    step = max(1, len(x) // 2000)
-    return (x, y), (x[::step], y[::step])
+class Top1:
+    """Top-1 on the eval split (for a cell trained on eval images, on the rest), and on a subset for the curve."""
+
+    def __init__(self, dataset: str, images: str | None, model: Path):
+        x, y = load_split(dataset, "eval")
+        if images == "eval4000":  # the 5,000 eval images not trained on
+            keep = np.ones(len(x), bool)
+            keep[:8000:2] = False
+            x, y = x[keep], y[keep]
+        step = max(1, len(x) // 2000)
+        self.x, self.y, self.xc, self.yc = x, y, x[::step], y[::step]
+        self.original = round(accuracy(model, x, y), 4)
+
+    def curve(self, model_bytes: bytes) -> float:
+        return round(accuracy(model_bytes, self.xc, self.yc), 4)
+
+    def final(self, model_bytes: bytes) -> dict:
+        return {"top1": round(accuracy(model_bytes, self.x, self.y), 4), "eval_images": len(self.x)}
+
+
+class Detections:
+    """The YOLOv8n's decoded detections kept on 150 eval images (the honest-quality benchmark's decoder and
+    matching), and the mean R² of its class-score channels there."""
+
+    def __init__(self, dataset: str, images: str | None, model: Path):
+        from .detection import decode, eval_images, load_letterboxed, run
+
+        self.inputs = load_letterboxed(eval_images("eval", 150), 320)
+        self.reference_out = run(str(model), self.inputs)
+        self.reference = decode(self.reference_out)
+        self.original = 1.0
+
+    def curve(self, model_bytes: bytes) -> float:
+        return self.final(model_bytes)["kept"]
+
+    def final(self, model_bytes: bytes) -> dict:
+        from onnx_whc.measure.quality import channel_r2
+
+        from .detection import agreement, decode, run
+
+        out = run(model_bytes, self.inputs)
+        found = agreement(self.reference, decode(out))
+        r2 = channel_r2(self.reference_out[:, 4:], out[:, 4:], 1)
+        return {"kept": round(found["kept"], 4), "extra_share": round(found["extra_share"], 4),
+                "reference": found["reference"], "extra": found["extra"],
+                "class_r2_mean": round(float(np.nanmean(r2)), 4), "eval_images": len(self.inputs)}
 
 
 def run_cell(name: str, minutes: float | None, provider: str | None) -> dict:
@@ -75,32 +114,33 @@ def run_cell(name: str, minutes: float | None, provider: str | None) -> dict:
     minutes = minutes or default_minutes
     model = SHARED / "models" / file
     preprocess = preset_preprocess(preset)
-    (x, y), (xc, yc) = _eval_set(dataset, images)
+    scorer = (Detections if dataset == "yolo" else Top1)(dataset, images, model)
+    shapes = {"images": (1, 3, 320, 320)} if dataset == "yolo" else None
     with tempfile.TemporaryDirectory() as tmp:
         calib = str(_folder(dataset, images, Path(tmp))) if images else None
-        options = {"calib": calib, "preprocess": preprocess}
+        options = {"calib": calib, "preprocess": preprocess, "input_shapes": shapes}
         start = time.perf_counter()
         if budget is None:
             pruned, report = onnx_whc.prune(model, ratio=0.4, validate=False, progress=True, **options)
         else:
             pruned, report = onnx_whc.prune(model, target_macs=budget, validate=False, progress=True, **options)
         prune_seconds = time.perf_counter() - start
-        top1_recovered = accuracy(pruned.SerializeToString(), x, y)
+        recovered = scorer.final(pruned.SerializeToString())
         curve = []
 
         def checkpoint(point: dict, candidate) -> None:
-            curve.append({**point, "top1": round(accuracy(candidate.SerializeToString(), xc, yc), 4)})
+            curve.append({**point, "eval": scorer.curve(candidate.SerializeToString())})
             print(f"  {point['seconds'] / 60:.1f} min, step {point['step']}: held-out {point['held_out']}, "
-                  f"top-1 {curve[-1]['top1']:.4f}", flush=True)
+                  f"eval {curve[-1]['eval']:.4f}", flush=True)
 
         distilled, dreport = distill(model, pruned, progress=True, on_checkpoint=checkpoint,
                                      distill=DistillSettings(seconds=60 * minutes, provider=provider), **options)
-    top1 = accuracy(distilled.SerializeToString(), x, y)
-    forward = _forward_throughput(distilled, dreport.batch, x[:1].shape, dreport.provider)
+    distilled_scores = scorer.final(distilled.SerializeToString())
+    side = SIDES[dataset]
+    forward = _forward_throughput(distilled, dreport.batch, (1, 3, side, side), dreport.provider)
     return {"cell": name, "model": file, "macs_kept": round(report.macs_kept, 4), "images": images or "synthetic",
-            "minutes": minutes, "prune_seconds": round(prune_seconds, 1), "top1_recovered": round(top1_recovered, 4),
-            "top1_distilled": round(top1, 4), "top1_original": round(accuracy(model, x, y), 4),
-            "eval_images": len(x), "curve": curve, "distill": dreport.to_dict(),
+            "minutes": minutes, "prune_seconds": round(prune_seconds, 1), "recovered": recovered,
+            "distilled": distilled_scores, "original": scorer.original, "curve": curve, "distill": dreport.to_dict(),
             "forward_views_per_second": round(forward, 1),
             "peak_mib_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
@@ -119,25 +159,39 @@ def _forward_throughput(model, batch: int, shape: tuple, provider: str, seconds:
 
 def _store(cells: dict, env: dict) -> None:
     rows = [[c["cell"], f"{c['macs_kept']:.3f}", c["images"], c["minutes"], c["distill"]["provider"],
-             f"{c['distill']['images_per_second']:.1f} ({c['distill']['images_per_second'] / c['forward_views_per_second']:.2f} of the forward's)",
-             f"{c['top1_original']:.2%}", f"{c['top1_recovered']:.2%}",
-             f"**{c['top1_distilled']:.2%}**", c["eval_images"]] for c in cells.values()]
+             f"{c['distill']['images_per_second']:.1f} "
+             f"({c['distill']['images_per_second'] / c['forward_views_per_second']:.2f} of the forward's)",
+             _scores(c["original"]), _scores(c["recovered"]), f"**{_scores(c['distilled'])}**",
+             c["distilled"]["eval_images"]] for c in cells.values()]
     markdown = ("# Distillation\n\n`python -m benchmarks.distill --cells NAME`: prune to the MACs budget with the "
                 "default recovery, then `onnx_whc.api.distill` for the cell's minutes on the same calibration "
                 "images (held-out samples choose the checkpoint); top-1 on the eval split.\n\n"
                 + markdown_table(["cell", "MACs kept", "training images", "minutes", "provider", "training views/s",
-                                  "top-1 original", "least squares", "distilled", "eval images"], rows)
+                                  "original", "least squares", "distilled", "eval images"], rows)
                 + f"\n\nMachine: {environment_line(env)}.\n")
     write_results("distill", markdown, {"environment": env, "cells": cells})
     _plot(cells)
 
 
+def _scores(value) -> str:
+    """Top-1, or the detections kept and extra with the class channels' R²."""
+    if isinstance(value, float):
+        return f"{value:.2%}"
+    if "top1" in value:
+        return f"{value['top1']:.2%}"
+    return f"{value['kept']:.0%} kept, {value['extra_share']:.0%} extra, R² {value['class_r2_mean']:.3f}"
+
+
 def _plot(cells: dict) -> None:
     from onnx_whc.reports.plot import line_charts
 
-    series = {name: [(p["seconds"] / 60, p["top1"]) for p in c["curve"]] for name, c in cells.items()}
-    line_charts([{"x": "minutes of distillation", "y": "top-1 (eval subset)", "series": series}],
-                str(RESULTS / "distill.png"), "top-1 against minutes of distillation")
+    panels = []
+    for what, test in (("top-1 (eval subset)", lambda c: "top1" in c["distilled"]),
+                       ("detections kept", lambda c: "kept" in c["distilled"])):
+        series = {name: [(p["seconds"] / 60, p["eval"]) for p in c["curve"]] for name, c in cells.items() if test(c)}
+        if series:
+            panels.append({"x": "minutes of distillation", "y": what, "series": series})
+    line_charts(panels, str(RESULTS / "distill.png"), "against minutes of distillation")
 
 
 def main() -> None:
