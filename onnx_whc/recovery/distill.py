@@ -176,6 +176,8 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
     distiller.report.data = data
     try:
         model = distiller.run()
+    except NoGradient as err:
+        raise UserInputError(f"cannot distil this model: {err}") from None
     finally:
         meter.close()
     return model, distiller.report
@@ -301,7 +303,9 @@ class Distiller:
         self.batch = settings.batch or default_batch(views.shape)
         self.input = views.name
         self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters)
-        self.rng = np.random.default_rng([settings.seed, 0xD15])
+        self.best_score: float | None = None
+        self.best_values: dict[str, np.ndarray] = {}
+        self.checked = -1  # the last step scored
 
     def targets(self, names: list[str]) -> list[_Target]:
         """The loss's tensors: each output, or for a Softmax output the logits before it."""
@@ -336,9 +340,8 @@ class Distiller:
         self.report.trained_values = int(sum(p.value.size for p in params))
         self.report.loss_on = [t.tensor for t in targets]
         self.report.images = self.views.count
-        best_score, _ = self._evaluate(params, 0, timer.elapsed(), None)
-        self.report.before = best_score
-        best_values = {p.name: p.value.copy() for p in params}
+        self._check(params, 0, None)
+        self.report.before = self.best_score
         fetch = [grads[p.name] for p in params] + [t.tensor for t in targets]
         step, losses = 0, []
         checks = _checkpoints(s.evaluations)
@@ -360,24 +363,28 @@ class Distiller:
             if checks and timer.progress(step) >= checks[0]:
                 while checks and timer.progress(step) >= checks[0]:
                     checks.pop(0)
-                score, _ = self._evaluate(params, step, timer.elapsed(), float(np.mean(losses)))
+                self._check(params, step, float(np.mean(losses)))
                 losses = []
-                if score is not None and (best_score is None or score > best_score):
-                    best_score, best_values = score, {p.name: p.value.copy() for p in params}
-                    self.report.best_step = step
         elapsed = timer.elapsed() - train_begin
         self.report.steps = step
         self.report.views = step * self.batch
         self.report.images_per_second = round(self.report.views / max(elapsed, 1e-9), 2)
-        if not checks or self.report.curve[-1]["step"] != step:
-            score, _ = self._evaluate(params, step, timer.elapsed(), float(np.mean(losses)) if losses
-                                      else None)
-            if score is not None and (best_score is None or score > best_score):
-                best_score, best_values = score, {p.name: p.value.copy() for p in params}
-                self.report.best_step = step
-        self.report.after = best_score
+        if self.checked != step:
+            self._check(params, step, float(np.mean(losses)) if losses else None)
+        self.report.after = self.best_score
         self.report.seconds = round(timer.elapsed(), 2)
-        return self._with_values(best_values, params)
+        if self.best_score is None:  # nothing to choose by: the training's last step
+            self.report.note = "; ".join(filter(None, [self.report.note, "no held-out measure: the last step"]))
+            return self._with_values({p.name: p.value for p in params})
+        return self._with_values(self.best_values)
+
+    def _check(self, params: list[_Parameter], step: int, loss: float | None) -> None:
+        """Score the current weights on the held-out samples; keep them if they are the best so far."""
+        score, _ = self._evaluate(params, step, self.timer.elapsed(), loss)
+        self.checked = step
+        if score is not None and (self.best_score is None or score > self.best_score):
+            self.best_score, self.best_values = score, {p.name: p.value.copy() for p in params}
+            self.report.best_step = step
 
     def _steps(self, timer):
         step = 0
@@ -499,7 +506,7 @@ class Distiller:
                                      moment.copy()))
         return params
 
-    def _with_values(self, values: dict[str, np.ndarray], params) -> onnx.ModelProto:
+    def _with_values(self, values: dict[str, np.ndarray]) -> onnx.ModelProto:
         """The student's graph with new initializer values: names, shapes, opset and metadata unchanged."""
         model = onnx.ModelProto.FromString(self.student.SerializeToString())
         for k, tensor in enumerate(model.graph.initializer):
@@ -509,7 +516,7 @@ class Distiller:
 
     def _evaluate(self, params, step: int, seconds: float, loss: float | None):
         """The held-out score of the current weights (mean over outputs of agreement or R²), recorded."""
-        model = self._with_values({p.name: p.value for p in params}, params)
+        model = self._with_values({p.name: p.value for p in params})
         quality = self.probe.measure(model)
         score, measure = _score(quality)
         self.report.measure = measure
