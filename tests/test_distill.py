@@ -153,13 +153,17 @@ def test_training_gradients_match_finite_differences_of_the_loss(which):
         assert predicted == pytest.approx(numeric, rel=3e-2, abs=1e-4)
 
 
-def test_distillation_heals_a_student_and_keeps_its_graph():
-    teacher = _classifier(0)
-    student = _perturbed(teacher, 0.5)
-    calibration = _calibration(300)
+def _distiller(teacher, damage: float, samples: int, settings: DistillSettings, side: int = 12):
+    """The student (`teacher` with noise of `damage` times each weight's std) and its distiller."""
+    student = _perturbed(teacher, damage)
+    calibration = _calibration(samples, side=side)
     probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
-    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
-    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=150, batch=16, lr=0.01))
+    views = Views("x", (1, 3, side, side), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
+    return student, Distiller(teacher, student, views, probe, settings)
+
+
+def test_distillation_heals_a_student_and_keeps_its_graph():
+    student, distiller = _distiller(_classifier(0), 0.5, 300, DistillSettings(steps=150, batch=16, lr=0.01))
     healed = distiller.run()
     report = distiller.report
     assert report.after > report.before + 0.1, report.curve
@@ -176,12 +180,8 @@ def test_distillation_heals_a_student_and_keeps_its_graph():
 
 def test_never_worse_than_the_start():
     """A step far too large ruins every checkpoint: the start comes back, and the summary says so."""
-    teacher = _classifier(0)
-    student = _perturbed(teacher, 0.05)
-    calibration = _calibration(80)
-    probe = QualityProbe(teacher, calibration.held, "held-out", 64)
-    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
-    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=12, batch=8, lr=50.0, warmup=0.0))
+    settings = DistillSettings(steps=12, batch=8, lr=50.0, warmup=0.0)
+    student, distiller = _distiller(_classifier(0), 0.05, 80, settings)
     healed = distiller.run()
     assert distiller.report.best_step == 0
     assert "the start is returned" in distiller.report.summary()
@@ -190,14 +190,8 @@ def test_never_worse_than_the_start():
 
 
 def test_affine_training_scales_whole_filters_and_moves_biases():
-    teacher = _classifier(0)
-    student = _perturbed(teacher, 0.3)
-    calibration = _calibration(60)
-    probe = QualityProbe(teacher, calibration.held, "held-out", 64)
-    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
-    # the held-out checks choose no checkpoint here: every step is returned
     settings = DistillSettings(steps=20, batch=8, lr=0.05, parameters="affine", evaluations=1)
-    distiller = Distiller(teacher, student, views, probe, settings)
+    student, distiller = _distiller(_classifier(0), 0.3, 60, settings)
     distiller._evaluate = lambda params, step, seconds, loss: (float(step), None)  # the last step is the best
     healed = distiller.run()
     before = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer}
@@ -222,11 +216,7 @@ def test_an_op_without_a_rule_moves_the_loss_to_what_it_reads():
     x = b.input("x", [1, 3, 8, 8])
     y = b.conv(b.relu(b.conv(x, 6, k=3, name="c1")), 4, k=1, name="c2")
     teacher = b.build(outputs=[b.op("Round", [y], name="rounding")])
-    student = _perturbed(teacher, 0.3)
-    calibration = _calibration(40, side=8)
-    probe = QualityProbe(teacher, calibration.held, "held-out", 64)
-    views = Views("x", (1, 3, 8, 8), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
-    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=4, batch=8))
+    _, distiller = _distiller(teacher, 0.3, 40, DistillSettings(steps=4, batch=8), side=8)
     distiller.run()
     assert distiller.report.loss_on == [y]
     assert "Round node 'rounding'" in distiller.report.note and y in distiller.report.note
