@@ -108,7 +108,7 @@ class GraphBuilder:
                                                      for d in dims)
             for init in self.initializers:
                 self._shape_cache[init.name] = tuple(init.dims)
-        return self._shape_cache[tensor]
+        return self._shape_cache.get(tensor, ())  # () where inference cannot tell (GroupNormalization)
 
     def channels(self, tensor: str) -> int:
         return self.static_shape(tensor)[1]
@@ -116,7 +116,7 @@ class GraphBuilder:
     def static_shape(self, tensor: str) -> tuple[int, ...]:
         """Shape with a batch of one; runs the partial graph when inference cannot tell."""
         shape = self.shape(tensor)
-        if all(isinstance(d, int) for d in shape[1:]):
+        if shape and all(isinstance(d, int) for d in shape[1:]):
             return (1,) + tuple(int(d) for d in shape[1:])
         model = self._model(outputs=[tensor])
         feeds = {}

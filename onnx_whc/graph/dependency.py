@@ -537,6 +537,8 @@ def _reshape(t: _Tracer, node: gs.Node) -> None:
     axis = t.axis_of(node.inputs[0])
     if axis == 1 and len(src) == 4 and len(dst) == 5 and dst[1] * dst[2] == src[1] and tuple(dst[3:]) == tuple(src[2:]):
         return _channel_shuffle(t, node, atoms, dst[1])
+    if axis == 1 and _group_norm(t, node, atoms, src, dst):
+        return
     if len(dst) == 2 and dst[0] == src[0] and len(src) >= 2:
         return t.assign(node, node.outputs[0], _flattened(atoms, src, axis))
     if axis == 1 and len(dst) >= 2 and dst[:2] == src[:2] and np.prod(dst[2:]) == np.prod(src[2:]):
@@ -582,6 +584,58 @@ def _channel_shuffle(t: _Tracer, node: gs.Node, atoms: np.ndarray, groups: int) 
     t.touch(transpose, atoms)
     t.absorbed.update((transpose.name, merge.name))
     t.assign(merge, merge.outputs[0], blocks.T.ravel())
+
+
+def couple_groups(t: _Tracer, atoms: np.ndarray, groups: int) -> np.ndarray:
+    """Couple the channels of each of `groups` consecutive groups (a GroupNorm's statistics mix them):
+    a group goes whole or not at all. Returns one atom per group."""
+    blocks = atoms.reshape(groups, -1)
+    for k in range(1, blocks.shape[1]):
+        t.couple(blocks[:, 0], blocks[:, k])
+    return blocks[:, 0].copy()
+
+
+def _group_norm(t: _Tracer, node: gs.Node, atoms: np.ndarray, src: tuple, dst: tuple) -> bool:
+    """GroupNorm as exporters write it: Reshape (N, C, ...) -> (N, G, -1), InstanceNormalization over
+    each group, Reshape back to (N, C, ...), then the per-channel scale and shift (Mul, Add).
+
+    Each group's C/G channels are coupled: whole groups go, and the groups left are normalised as
+    before. The reshaped tensors carry one atom per group (InstanceNormalization's parameters are
+    per group); the Reshape back gives the channels their atoms again. False when this is not the
+    pattern (one group normalises all channels together: the Reshape then mixes them).
+    """
+    groups = dst[1] if len(dst) == 3 else 0
+    channels = src[1]
+    if len(src) < 3 or dst[0] != src[0] or groups < 2 or groups > channels or channels % groups \
+            or dst[2] != channels // groups * int(np.prod(src[2:])):
+        return False
+    norm = _only_reader(node.outputs[0], "InstanceNormalization")
+    back = norm and _only_reader(norm.outputs[0], "Reshape")
+    if not back or tuple(t.shape(back.outputs[0]) or ()) != tuple(src):
+        return False
+    per_group = couple_groups(t, atoms, groups)
+    t.touch(node, atoms)
+    t.assign(node, node.outputs[0], per_group)
+    t.absorbed.add(back.name)
+    t.assign(back, back.outputs[0], atoms)
+    t.touch(back, per_group)
+    return True
+
+
+def _group_normalization(t: _Tracer, node: gs.Node) -> None:
+    """The GroupNormalization op (opset 18: scale and bias per group; 21: per channel)."""
+    atoms = t.map_of(node.inputs[0])
+    if atoms is None or not t.channels_first(node, node.inputs[0]):
+        return
+    for index in (1, 2):
+        if t.has_input(node, index) and t.constant_values(node, index) is None:
+            return t.block(node, "GroupNormalization parameters are not constant")
+    groups = int(node.attrs.get("num_groups", 1))
+    if groups < 2 or len(atoms) % groups:
+        return t.block(node, f"GroupNormalization with {groups} group{'s' if groups != 1 else ''} "
+                             "normalises all its channels together")
+    couple_groups(t, atoms, groups)
+    t.assign(node, node.outputs[0], atoms)
 
 
 def _shape_source_mentions(tensor, value: int) -> bool:
@@ -773,6 +827,7 @@ HANDLERS = {
     "pad": _pad, "concat": _concat, "split": _split, "slice": _slice, "flatten": _flatten,
     "reshape": _reshape, "gemm": _gemm, "matmul": _gemm, "transpose": _transpose, "squeeze": _squeeze,
     "reduce": _reduce, "resize": _resize, "softmax": _softmax, "layernorm": _layernorm,
+    "groupnorm": _group_normalization,
     "shape_only": _shape_only, "blocker": _blocker,
 }
 

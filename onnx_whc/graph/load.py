@@ -436,6 +436,11 @@ def infer_static_shapes(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]
     Weights become shape-only graph inputs, so this costs little even for models over 2 GB.
     """
     skeleton = graph.copy()
+    for node in skeleton.nodes:
+        if node.op == "GroupNormalization":  # ONNX infers no shape for it (a function op): it keeps its input's
+            node.op, node.attrs = "Identity", {}
+            while len(node.inputs) > 1:
+                node.inputs.pop()
     unique = {}  # one stub per weight, however many nodes share it
     for node in skeleton.nodes:
         for i, tensor in enumerate(node.inputs):

@@ -55,7 +55,7 @@ RULES: dict[str, Rule] = {
     "Shape": Rule("shape_only"),
     "Size": Rule("shape_only"),
     "LRN": Rule("blocker", reason="LRN mixes neighbouring channels"),
-    "GroupNormalization": Rule("blocker", reason="GroupNormalization normalises across channels"),
+    "GroupNormalization": Rule("groupnorm"),
     "MeanVarianceNormalization": Rule("blocker", reason="MeanVarianceNormalization may normalise across channels"),
     "DepthToSpace": Rule("blocker", reason="DepthToSpace moves channels into space"),
     "SpaceToDepth": Rule("blocker", reason="SpaceToDepth moves space into channels"),

@@ -209,6 +209,21 @@ def _reshape(s: _Surgeon, node: gs.Node) -> None:
     rewrite_target(node, target, changes, lambda old: old if s.readers.get(old, 0) <= 1 else f"{old}__{node.name}")
 
 
+def _group_normalization(s: _Surgeon, node: gs.Node) -> None:
+    """Whole groups went: `num_groups` counts those left; scale and bias lose their groups (opset 18)
+    or their channels (21)."""
+    mask = s.keep(node.inputs[0])
+    if mask is None:
+        return
+    groups = int(node.attrs["num_groups"])
+    kept_groups = mask.reshape(groups, -1)[:, 0]
+    node.attrs["num_groups"] = int(kept_groups.sum())
+    for index in (1, 2):
+        if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
+            size = node.inputs[index].values.shape[0]
+            s.slice_input(node, index, 0, mask if size == len(mask) else kept_groups)
+
+
 def _resize(s: _Surgeon, node: gs.Node) -> None:
     mask = s.keep(node.outputs[0])
     if mask is None or node.op != "Resize" or len(node.inputs) < 4 or not isinstance(node.inputs[3], gs.Constant):
@@ -244,7 +259,7 @@ def _gemm(s: _Surgeon, node: gs.Node) -> None:
 REWRITES = {
     "elementwise": _elementwise, "broadcast": _broadcast, "conv": _conv, "conv_transpose": _conv_transpose,
     "pad": _pad, "split": _split, "slice": _slice, "reshape": _reshape, "resize": _resize,
-    "gemm": _gemm, "matmul": _gemm,
+    "gemm": _gemm, "matmul": _gemm, "groupnorm": _group_normalization,
 }
 
 

@@ -183,6 +183,24 @@ class Net:
         roi = self.const(np.zeros(0, dtype=np.float32), "roi") if self.opset < 13 else ""
         return self.node("Resize", [x, roi, scale_name], shape, mode="nearest")
 
+    def group_norm(self, x: str, groups: int, native: bool = False) -> str:
+        """GroupNorm: the GroupNormalization op (opset 21), or as exporters write it before: Reshape to
+        (N, G, -1), InstanceNormalization, Reshape back to the input's shape, per-channel Mul and Add."""
+        c = self.shape[x][0]
+        scale = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        shift = self.rng.normal(0, 0.1, c).astype(np.float32)
+        if native:
+            return self.node("GroupNormalization", [x, self.const(scale, "gn"), self.const(shift, "gn")],
+                             self.shape[x], num_groups=groups, epsilon=1e-5)
+        rest = int(np.prod(self.shape[x])) // groups
+        y = self.node("Reshape", [x, self.ints([0, groups, -1], "gn_split")], (groups, rest))
+        y = self.node("InstanceNormalization", [y, self.const(np.ones(groups, np.float32), "gn"),
+                                                self.const(np.zeros(groups, np.float32), "gn")], (groups, rest),
+                      epsilon=1e-5)
+        y = self.node("Reshape", [y, self.node("Shape", [x], (4,))], self.shape[x])
+        y = self.node("Mul", [y, self.const(scale.reshape(c, 1, 1), "gn")], self.shape[x])
+        return self.node("Add", [y, self.const(shift.reshape(c, 1, 1), "gn")], self.shape[x])
+
     def flatten(self, x: str) -> str:
         return self.node("Flatten", [x], (int(np.prod(self.shape[x])),), axis=1)
 

@@ -3,7 +3,7 @@
 A model is a random sequence of blocks, each applied to a random live tensor: conv layers
 (plain, depthwise, grouped, with BatchNorm and activations), residual adds (identity and
 option-A strided-slice + channel-pad shortcuts), concats, channel splits, SE gates, pooling,
-upsampling, NHWC round trips and channel shuffles. Every tensor left unread at the end becomes a
+upsampling, NHWC round trips, channel shuffles and GroupNorms. Every tensor left unread at the end becomes a
 graph output, raw or through a head (global pool or plain flatten, or a permute and flatten into
 hidden fully connected layers, then Gemm or MatMul). Opsets 13 to 18.
 """
@@ -195,10 +195,23 @@ def shuffle(draw, g: _Graph) -> None:
     g.put(net.node("Reshape", [y, net.ints([0, c, h, w])], (c, h, w)))
 
 
+def group_norm(draw, g: _Graph) -> None:
+    """GroupNorm as exporters write it (Reshape (N, G, -1), InstanceNormalization, Reshape back,
+    per-channel Mul and Add), G dividing the channels; one group blocks them."""
+    x = g.pick(draw, lambda s: len(s) == 3)
+    if x is None:
+        return conv(draw, g)
+    net = g.net
+    c = net.shape[x][0]
+    groups = draw(st.sampled_from([k for k in range(1, c + 1) if c % k == 0]))
+    y = net.group_norm(g.take(x), groups)
+    g.put(net.act(y, draw(st.sampled_from(ACTIVATIONS))) if draw(st.booleans()) else y)
+
+
 BLOCKS = {
     "conv": conv, "depthwise": depthwise, "grouped": grouped, "residual": residual, "add": add_two,
     "concat": concat, "split": split, "se": se_gate, "pool": pool, "upsample": upsample,
-    "nhwc": nhwc_round_trip, "shuffle": shuffle, "nhwc_mlp": nhwc_mlp,
+    "nhwc": nhwc_round_trip, "shuffle": shuffle, "nhwc_mlp": nhwc_mlp, "group_norm": group_norm,
 }
 
 
