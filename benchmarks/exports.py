@@ -1,4 +1,5 @@
-"""What the channel analysis finds in exported ShuffleNets, VGG-11 and ConvNeXt-T: groups, MACs and params removed.
+"""What the channel analysis finds in exported ShuffleNets, VGG-11, ConvNeXt-T, ResNetV2 and ResNeSt: groups,
+MACs and params removed.
 
 Each model is built by `benchmarks.synthetic` at its real size (224x224; VGG-11 is ~530 MB of
 weights), analysed with `onnx_whc.analyze`, and pruned once with `onnx_whc.prune(ratio=0.4,
@@ -27,11 +28,16 @@ MODELS = {
     "shufflenet_v1 (g=3)": lambda: synthetic.shufflenet_v1(groups=3),
     "vgg11": synthetic.vgg11,
     "convnext_tiny": synthetic.convnext_tiny,
+    "resnetv2_50x1_bit": synthetic.resnetv2_50x1_bit,
+    "resnest14d": synthetic.resnest14d,
+    "resnest14d (runtime batch)": lambda: synthetic.resnest14d(runtime_batch=True),
     "mobilenet_v2": synthetic.mobilenet_v2,
 }
 # The issue counts 39 groups in ShuffleNetV2 and asks for 35 of them prunable; a graph that
 # splits into a different number of groups is held to the same share.
 SHUFFLENET_V2_PRUNABLE_SHARE = 35 / 39
+# timm's GroupNorm and split-attention exports: the share of the MACs in layers with prunable channels.
+PRUNABLE_MACS_TARGET = 0.95
 
 
 def measure(name: str, build) -> dict:
@@ -51,6 +57,9 @@ def measure(name: str, build) -> dict:
         "prunable": sum(g.prunable for g in analysis.groups),
         # A prunable group of fewer than 1 / ratio channel classes loses none of them.
         "pruned": sum(bool(g.removed) for g in report.groups),
+        "prunable_macs_share": round(analysis.prunable_macs_share, 4),
+        # The MACs of the layers whose filters a prunable group holds (each layer counted once).
+        "macs_in_prunable_groups": round(sum(g.macs_share for g in analysis.groups if g.prunable), 4),
         "macs_removed": round(1 - report.macs_kept, 4),
         "params_removed": round(1 - report.params_kept, 4),
         "left_whole": dict(Counter(g.reasons[0] if g.reasons else "(no reason given)" for g in fixed)),
@@ -85,6 +94,15 @@ def targets(rows: list[dict]) -> list[str]:
         elif name.startswith("vgg11"):
             lines.append(f"- {name}: {row['params_removed']:.1%} of params removed (target >= 55%): "
                          f"{_verdict(row['params_removed'] >= 0.55)}")
+        elif name.startswith(("resnetv2", "resnest")):
+            share, grouped = row["prunable_macs_share"], row["macs_in_prunable_groups"]
+            ok = min(share, grouped) >= PRUNABLE_MACS_TARGET
+            line = (f"- {name}: {share:.1%} of MACs in layers with prunable channels, {grouped:.1%} in the layers of "
+                    f"prunable groups (target >= {PRUNABLE_MACS_TARGET:.0%})")
+            if name.startswith("resnetv2"):
+                line += f", {row['macs_removed']:.1%} of MACs removed (target >= 30%)"
+                ok = ok and row["macs_removed"] >= 0.3
+            lines.append(f"{line}: {_verdict(ok)}")
     return lines
 
 
@@ -99,7 +117,7 @@ def markdown(data: dict) -> str:
     whole = [[r["model"], reason, count, _producers(r["left_whole_groups"], reason)]
              for r in rows for reason, count in r["left_whole"].items()]
     return "\n".join([
-        "# Exports: channel groups found in ShuffleNet, VGG-11, ConvNeXt-T and MobileNetV2 graphs",
+        "# Exports: channel groups found in ShuffleNet, VGG-11, ConvNeXt-T, ResNetV2, ResNeSt and MobileNetV2 graphs",
         "",
         *targets(rows),
         "",
@@ -110,16 +128,24 @@ def markdown(data: dict) -> str:
         "Synthetic models from `benchmarks.synthetic` at 224x224, shaped like a `torch.onnx.export` (opset 17, "
         "BatchNorm folded). ShuffleNet channel shuffles reshape to constant targets, or in the runtime-batch "
         "variant to targets that read the batch from `Shape`. ConvNeXt-T's blocks apply their Linear layers per "
-        "position on a channels-last map (MatMul + Add) after a LayerNorm over the channels. Each is pruned uniformly at ratio "
-        f"{RATIO} with round_to 1, no calibration data and no recovery. *Pruned* counts the groups that lost "
-        "channels: a prunable group of too few channel classes loses none.",
+        "position on a channels-last map (MatMul + Add) after a LayerNorm over the channels. timm's resnetv2_50x1_bit "
+        "(BiT) normalises with GroupNorms of 32 groups as exported before opset 18 (Reshape, InstanceNormalization, "
+        "Reshape, Mul, Add) and standardises each conv weight at run time (ReduceMean, Sub, Div; folded at loading); "
+        "timm's resnest14d weighs the two radix slices of each split-attention conv by a softmax over the radix "
+        "(5-D Reshape, ReduceSum, Transpose, Softmax), with constant view targets or, in the runtime-batch variant, "
+        f"the batch read from `Shape`. Each is pruned uniformly at ratio {RATIO} with round_to 1, no calibration data "
+        "and no recovery. *Pruned* counts the groups that lost channels: a prunable group of too few channel classes "
+        "loses none. *MACs prunable* is analyze's `prunable_macs_share`: the MACs of the layers that read or write "
+        "a prunable group's channels; *in prunable groups*: the MACs of the layers whose filters prunable groups "
+        "hold (the sum of their `macs_share`).",
         "",
         markdown_table(
-            ["model", "params M", "MACs M", "groups", "prunable", "pruned", "MACs removed", "params removed",
-             "analyze s", "prune s"],
+            ["model", "params M", "MACs M", "groups", "prunable", "pruned", "MACs prunable", "in prunable groups",
+             "MACs removed", "params removed", "analyze s", "prune s"],
             [[r["model"], f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e6:.0f}", r["groups"], r["prunable"],
-              r["pruned"], f"{r['macs_removed']:.1%}", f"{r['params_removed']:.1%}", r["analyze_seconds"],
-              r["prune_seconds"]] for r in rows]),
+              r["pruned"], f"{r['prunable_macs_share']:.1%}", f"{r['macs_in_prunable_groups']:.1%}",
+              f"{r['macs_removed']:.1%}", f"{r['params_removed']:.1%}", r["analyze_seconds"], r["prune_seconds"]]
+             for r in rows]),
         "",
         "## Groups left whole (first reason)",
         "",

@@ -20,6 +20,8 @@ Command line::
     python -m benchmarks.synthetic shufflenet_v1 --groups 3 -o /tmp/snv1.onnx
     python -m benchmarks.synthetic vgg11 --width 0.25 --image-size 64 -o /tmp/vgg11.onnx
     python -m benchmarks.synthetic convnext_tiny -o /tmp/convnext_t.onnx
+    python -m benchmarks.synthetic resnetv2_50x1_bit -o /tmp/resnetv2_50x1_bit.onnx
+    python -m benchmarks.synthetic resnest14d --runtime-batch -o /tmp/resnest14d.onnx
     python -m benchmarks.synthetic size 500 -o /tmp/m500.onnx
 """
 
@@ -43,6 +45,8 @@ __all__ = [
     "shufflenet_v1",
     "vgg11",
     "convnext_tiny",
+    "resnetv2_50x1_bit",
+    "resnest14d",
     "model_of_size",
     "save",
     "count_params",
@@ -97,6 +101,13 @@ _SHUFFLENET_REPEATS = (4, 8, 4)
 _VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 # ConvNeXt-T: blocks and channels per stage.
 _CONVNEXT_TINY = ((3, 96), (3, 192), (9, 384), (3, 768))
+# timm's resnetv2_50x1_bit: pre-activation bottlenecks per stage, GroupNorm groups, StdConv2d's eps.
+_RESNETV2_50_BLOCKS = (3, 4, 6, 3)
+_GN_GROUPS = 32
+_STD_CONV_EPS = 1e-8
+# timm's resnest14d: one ResNeStBottleneck per stage, radix 2, cardinality 1.
+_RESNEST14_BLOCKS = (1, 1, 1, 1)
+_RADIX = 2
 
 
 class _Builder:
@@ -606,6 +617,185 @@ def convnext_tiny(num_classes: int = 1000, image_size: int = 224, seed: int = 0)
     return b.finish(image_size, num_classes)
 
 
+# ---------------------------------------------------------- ResNetV2 (BiT)
+
+
+def _group_norm(b: _Builder, x: str, scope: str, param: str, channels: int, groups: int = _GN_GROUPS) -> str:
+    """F.group_norm as torch exports it before opset 18, then timm's GroupNormAct ReLU: Reshape (0, G, -1),
+    InstanceNormalization (unit scale, zero shift per group), Reshape back to Shape(x), Mul and Add per
+    channel."""
+    y = b.node("Reshape", [x, b.constant(scope, [0, groups, -1])], b.numbered(scope, "Reshape"))
+    ones = b.initializer(f"{param}.gn_ones", np.ones(groups, np.float32) if b.with_data else None, (groups,))
+    zeros = b.initializer(f"{param}.gn_zeros", np.zeros(groups, np.float32) if b.with_data else None, (groups,))
+    y = b.node("InstanceNormalization", [y, ones, zeros], b.numbered(scope, "InstanceNormalization"), epsilon=1e-5)
+    y = b.node("Reshape", [y, b.node("Shape", [x], b.numbered(scope, "Shape"))], b.numbered(scope, "Reshape"))
+    scale = b.rng.uniform(0.5, 1.5, (channels, 1, 1)).astype(np.float32) if b.with_data else None
+    y = b.node("Mul", [y, b.initializer(f"{param}.weight", scale, (channels, 1, 1))], b.numbered(scope, "Mul"))
+    shift = (b.rng.standard_normal((channels, 1, 1)) * _BIAS_STD).astype(np.float32) if b.with_data else None
+    y = b.node("Add", [y, b.initializer(f"{param}.bias", shift, (channels, 1, 1))], b.numbered(scope, "Add"))
+    return b.node("Relu", [y], f"{scope}/act/Relu")
+
+
+def _std_conv(b: _Builder, x: str, scope: str, param: str, cin: int, cout: int, kernel: int,
+              stride: int = 1) -> str:
+    """timm's StdConv2d: each filter standardised at run time (its mean subtracted, divided by the root
+    of its variance plus eps: ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div on the weight), then a
+    Conv without bias. The loader folds the standardisation into a constant weight."""
+    w = b.weight(f"{param}.weight", (cout, cin, kernel, kernel), 2.0)
+    mean = b.node("ReduceMean", [w], f"{scope}/ReduceMean", axes=[1, 2, 3], keepdims=1)
+    centred = b.node("Sub", [w, mean], f"{scope}/Sub")
+    square = b.node("Mul", [centred, centred], f"{scope}/Mul")
+    var = b.node("ReduceMean", [square], f"{scope}/ReduceMean_1", axes=[1, 2, 3], keepdims=1)
+    std = b.node("Sqrt", [b.node("Add", [var, "std_conv.eps"], f"{scope}/Add")], f"{scope}/Sqrt")
+    w = b.node("Div", [centred, std], f"{scope}/Div")
+    pad = ((stride - 1) + (kernel - 1)) // 2  # timm's get_padding
+    return b.node("Conv", [x, w], f"{scope}/Conv", dilations=[1, 1], group=1, kernel_shape=[kernel, kernel],
+                  pads=[pad] * 4, strides=[stride, stride])
+
+
+def _preact_bottleneck(b: _Builder, x: str, stage: int, index: int, cin: int, cout: int, stride: int) -> str:
+    """timm's PreActBottleneck: GroupNorm+ReLU first; the projection (a strided 1x1 StdConv) reads the
+    normalised input; 1x1, 3x3 (strided), 1x1 StdConvs, each behind a GroupNorm+ReLU; plus the shortcut."""
+    scope, param = f"/stages/stages.{stage}/blocks/blocks.{index}", f"stages.{stage}.blocks.{index}"
+    mid = cout // 4
+    pre = _group_norm(b, x, f"{scope}/norm1", f"{param}.norm1", cin)
+    shortcut = x
+    if index == 0:
+        shortcut = _std_conv(b, pre, f"{scope}/downsample/conv", f"{param}.downsample.conv", cin, cout, 1, stride)
+    y = _std_conv(b, pre, f"{scope}/conv1", f"{param}.conv1", cin, mid, 1)
+    y = _group_norm(b, y, f"{scope}/norm2", f"{param}.norm2", mid)
+    y = _std_conv(b, y, f"{scope}/conv2", f"{param}.conv2", mid, mid, 3, stride)
+    y = _group_norm(b, y, f"{scope}/norm3", f"{param}.norm3", mid)
+    y = _std_conv(b, y, f"{scope}/conv3", f"{param}.conv3", mid, cout, 1)
+    return b.node("Add", [y, shortcut], f"{scope}/Add")
+
+
+def resnetv2_50x1_bit(width: float = 1.0, num_classes: int = 1000, image_size: int = 224,
+                      seed: int = 0) -> onnx.ModelProto:
+    """timm's resnetv2_50x1_bit (BiT-M R50x1, 25.5 M params): a pre-activation ResNetV2 whose convs are
+    weight-standardised at run time and whose norms are GroupNorms of 32 groups, exported before opset 18
+    (Reshape, InstanceNormalization, Reshape, Mul, Add). `width` scales every width (a multiple of 32 each)."""
+    stem = _scaled(64, width)
+    if stem % _GN_GROUPS or _scaled(256, width) % (4 * _GN_GROUPS):
+        raise ValueError(f"width {width} leaves channel counts that {_GN_GROUPS} GroupNorm groups do not divide")
+    b = _Builder("main_graph", seed)
+    b.scalar("std_conv.eps", _STD_CONV_EPS)
+    x = _std_conv(b, "input", "/stem/conv", "stem.conv", 3, stem, 7, 2)
+    pads = b.constant("/stem/pad", [0, 0, 1, 1, 0, 0, 1, 1])
+    x = b.node("Pad", [x, pads, b.scalar("stem.pad.value", 0.0)], "/stem/pad/Pad", mode="constant")
+    x = b.node("MaxPool", [x], "/stem/pool/MaxPool", ceil_mode=0, dilations=[1, 1], kernel_shape=[3, 3],
+               pads=[0, 0, 0, 0], strides=[2, 2])
+    cin = stem
+    for stage, blocks in enumerate(_RESNETV2_50_BLOCKS):
+        cout = _scaled(256 * 2 ** stage, width)
+        for index in range(blocks):
+            x = _preact_bottleneck(b, x, stage, index, cin, cout, 2 if stage and not index else 1)
+            cin = cout
+    x = _group_norm(b, x, "/norm", "norm", cin)
+    x = b.node("GlobalAveragePool", [x], "/head/global_pool/pool/GlobalAveragePool")
+    w = b.weight("head.fc.weight", (num_classes, cin, 1, 1), 1.0)
+    x = b.node("Conv", [x, w, b.bias("head.fc.bias", num_classes, std=0.01)], "/head/fc/Conv", dilations=[1, 1],
+               group=1, kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1])
+    b.node("Flatten", [x], "/head/flatten/Flatten", output="logits", axis=1)
+    return b.finish(image_size, num_classes)
+
+
+# ---------------------------------------------------------------- ResNeSt
+
+
+def _timm_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """timm's make_divisible: nearest multiple, at least min_value, never more than 10% down."""
+    new_v = max(min_value or divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def _batch_of(b: _Builder, x: str, scope: str) -> str:
+    """x.size(0) read at run time: Shape -> Gather(0)."""
+    shape = b.node("Shape", [x], b.numbered(scope, "Shape"))
+    return b.node("Gather", [shape, b.constant(scope, 0)], b.numbered(scope, "Gather"), axis=0)
+
+
+def _view(b: _Builder, x: str, scope: str, dims, batch: str | None) -> str:
+    """x.view(B, *dims): a constant target (0 copies the batch) or the batch read at run time."""
+    target = b.constant(scope, [0, *dims]) if batch is None else _batch_and(b, batch, scope, dims)
+    return b.node("Reshape", [x, target], b.numbered(scope, "Reshape"))
+
+
+def _split_attn(b: _Builder, x: str, scope: str, param: str, channels: int, size: int,
+                runtime_batch: bool) -> str:
+    """timm's SplitAttn (radix 2, cardinality 1), BatchNorms folded: a 3x3 conv to radix * C channels in
+    radix groups, viewed as (B, radix, C, H, W) and summed over the radix, pooled; fc1 (+ReLU) and fc2 to
+    radix * C; RadixSoftmax (view (B, 1, radix, -1), transpose(1, 2), softmax over the radix, reshape
+    (B, -1)); view (B, -1, 1, 1) and reshape (B, radix, C, 1, 1); the slices weighed and summed."""
+    mid, attn = _RADIX * channels, _timm_divisible(channels * _RADIX * 0.25, min_value=32)
+    y = b.conv(x, f"{scope}/conv", f"{param}.conv", channels, mid, 3, group=_RADIX)
+    y = b.node("Relu", [y], f"{scope}/act0/Relu")
+    batch = _batch_of(b, y, scope) if runtime_batch else None
+    y = _view(b, y, scope, [_RADIX, channels, size, size], batch)
+    gap = b.node("ReduceSum", [y, b.constant(scope, [1])], b.numbered(scope, "ReduceSum"), keepdims=0)
+    gap = b.node("ReduceMean", [gap], b.numbered(scope, "ReduceMean"), axes=[2, 3], keepdims=1)
+    a = b.conv(gap, f"{scope}/fc1", f"{param}.fc1", channels, attn, 1)
+    a = b.node("Relu", [a], f"{scope}/act1/Relu")
+    a = b.conv(a, f"{scope}/fc2", f"{param}.fc2", attn, mid, 1, gain=1.0)
+    rs = f"{scope}/rsoftmax"
+    a = _view(b, a, rs, [1, _RADIX, -1], _batch_of(b, a, rs) if runtime_batch else None)
+    a = b.node("Transpose", [a], b.numbered(rs, "Transpose"), perm=[0, 2, 1, 3])
+    a = b.node("Softmax", [a], b.numbered(rs, "Softmax"), axis=1)
+    a = _view(b, a, rs, [-1], _batch_of(b, a, rs) if runtime_batch else None)
+    a = _view(b, a, scope, [-1, 1, 1], batch)
+    a = _view(b, a, scope, [_RADIX, channels, 1, 1], batch)
+    y = b.node("Mul", [y, a], b.numbered(scope, "Mul"))
+    return b.node("ReduceSum", [y, b.constant(scope, [1])], b.numbered(scope, "ReduceSum"), keepdims=0)
+
+
+def _resnest_bottleneck(b: _Builder, x: str, stage: int, cin: int, planes: int, stride: int, size: int,
+                        runtime_batch: bool) -> str:
+    """timm's ResNestBottleneck (avd, avd_first False; avg_down): 1x1, split attention at the input's size,
+    a 3x3 average pool for the stride, 1x1; the projection average-pools, then a 1x1 conv; Add, ReLU."""
+    scope, param = f"/layer{stage}/layer{stage}.0", f"layer{stage}.0"
+    y = b.conv(x, f"{scope}/conv1", f"{param}.conv1", cin, planes, 1)
+    y = b.node("Relu", [y], f"{scope}/act1/Relu")
+    y = _split_attn(b, y, f"{scope}/conv2", f"{param}.conv2", planes, size, runtime_batch)
+    shortcut = x
+    if stride > 1:
+        y = b.node("AveragePool", [y], f"{scope}/avd_last/AveragePool", ceil_mode=0, count_include_pad=1,
+                   kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
+        shortcut = b.node("AveragePool", [x], f"{scope}/downsample/downsample.0/AveragePool", ceil_mode=1,
+                          count_include_pad=0, kernel_shape=[2, 2], pads=[0, 0, 0, 0], strides=[stride, stride])
+    y = b.conv(y, f"{scope}/conv3", f"{param}.conv3", planes, 4 * planes, 1, gain=2.0 * _RESIDUAL_GAIN**2)
+    shortcut = b.conv(shortcut, f"{scope}/downsample/downsample.1", f"{param}.downsample.1", cin, 4 * planes, 1,
+                      gain=1.0)
+    y = b.node("Add", [y, shortcut], f"{scope}/Add")
+    return b.node("Relu", [y], f"{scope}/act3/Relu")
+
+
+def resnest14d(width: float = 1.0, num_classes: int = 1000, image_size: int = 224, seed: int = 0,
+               runtime_batch: bool = False) -> onnx.ModelProto:
+    """timm's resnest14d (10.6 M params): a deep stem (three 3x3 convs), one ResNeSt bottleneck per stage
+    with split attention (radix 2), BatchNorm folded. Views reshape to constant targets, or with
+    runtime_batch to targets whose batch is read from Shape. `width` scales every width."""
+    if image_size < 32 or image_size % 32:
+        raise ValueError("image_size must be a multiple of 32")
+    b = _Builder("main_graph", seed)
+    stem = _scaled(32, width)
+    x = b.conv("input", "/conv1/conv1.0", "conv1.0", 3, stem, 3, 2)
+    x = b.node("Relu", [x], "/conv1/conv1.2/Relu")
+    x = b.conv(x, "/conv1/conv1.3", "conv1.3", stem, stem, 3)
+    x = b.node("Relu", [x], "/conv1/conv1.5/Relu")
+    cin = 2 * stem
+    x = b.conv(x, "/conv1/conv1.6", "conv1.6", stem, cin, 3)
+    x = b.node("Relu", [x], "/act1/Relu")
+    x = b.node("MaxPool", [x], "/maxpool/MaxPool", ceil_mode=0, dilations=[1, 1], kernel_shape=[3, 3],
+               pads=[1, 1, 1, 1], strides=[2, 2])
+    size = image_size // 4
+    for stage, blocks in enumerate(_RESNEST14_BLOCKS, start=1):
+        planes, stride = _scaled(64 * 2 ** (stage - 1), width), 2 if stage > 1 else 1
+        x = _resnest_bottleneck(b, x, stage, cin, planes, stride, size, runtime_batch)
+        cin, size = 4 * planes, size // stride
+    b.head(x, cin, num_classes, "/global_pool/pool", "/fc", "fc")
+    return b.finish(image_size, num_classes)
+
+
 # ------------------------------------------------------------ sized ResNet-50
 
 
@@ -704,7 +894,8 @@ def count_macs(model: onnx.ModelProto) -> int:
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in list(inferred.graph.value_info) + list(inferred.graph.output)
     }
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    # Weights are initializers, or computed from them (a StdConv's standardised weight): inferred.
+    dims = {**shapes, **{t.name: list(t.dims) for t in model.graph.initializer}}
     macs = 0
     for node in model.graph.node:
         out = shapes.get(node.output[0])
@@ -842,6 +1033,13 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p = sub.add_parser("convnext_tiny", help="torchvision ConvNeXt-T")
     p.add_argument("--image-size", type=int, default=224)
+    for name, what in (("resnetv2_50x1_bit", "timm's pre-activation ResNetV2-50 (GroupNorm, StdConv)"),
+                       ("resnest14d", "timm's ResNeSt-14d (split attention)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--width", type=float, default=1.0)
+        p.add_argument("--image-size", type=int, default=224)
+    sub.choices["resnest14d"].add_argument(
+        "--runtime-batch", action="store_true", help="view targets read the batch from Shape")
     p = sub.add_parser("size", help="ResNet-50 with about TARGET_MB MB of weights")
     p.add_argument("target_mb", type=float)
     p.add_argument("--image-size", type=int, default=64)
@@ -859,6 +1057,10 @@ def _build_from_args(args: argparse.Namespace) -> onnx.ModelProto:
         return model_of_size(args.target_mb, args.seed, args.image_size, args.num_classes)
     if args.kind == "convnext_tiny":
         return convnext_tiny(args.num_classes, args.image_size, args.seed)
+    if args.kind == "resnetv2_50x1_bit":
+        return resnetv2_50x1_bit(args.width, args.num_classes, args.image_size, args.seed)
+    if args.kind == "resnest14d":
+        return resnest14d(args.width, args.num_classes, args.image_size, args.seed, args.runtime_batch)
     if args.kind == "shufflenet_v1":
         return shufflenet_v1(args.groups, args.num_classes, args.image_size, args.seed)
     if args.kind == "shufflenet_v2":

@@ -1,4 +1,4 @@
-"""Tests for the ShuffleNet and VGG synthetic builders: valid, runnable, and pruned exactly."""
+"""Tests for the ShuffleNet, VGG, ResNetV2 and ResNeSt synthetic builders: valid, runnable, and pruned exactly."""
 
 import sys
 from pathlib import Path
@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import synthetic  # noqa: E402
+from onnx_whc.api import analyze  # noqa: E402
+from onnx_whc.graph.load import load  # noqa: E402
 
 from .oracle import prune_and_compare  # noqa: E402
 
@@ -21,6 +23,9 @@ SMALL = {
     "shufflenet_v2_runtime_batch": lambda: synthetic.shufflenet_v2(width=0.5, image_size=32, runtime_batch=True),
     "shufflenet_v1": lambda: synthetic.shufflenet_v1(groups=3, image_size=32),
     "vgg11": lambda: synthetic.vgg11(width=0.125, image_size=32),
+    "resnetv2_50x1_bit": lambda: synthetic.resnetv2_50x1_bit(width=0.5, image_size=32),
+    "resnest14d": lambda: synthetic.resnest14d(width=0.25, image_size=32),
+    "resnest14d_runtime_batch": lambda: synthetic.resnest14d(width=0.25, image_size=32, runtime_batch=True),
 }
 
 
@@ -83,6 +88,43 @@ def test_vgg11_full_size_counts_without_weights():
     model = synthetic._build_vgg11(synthetic._Builder("probe", 0, with_data=False), 1.0, 1000, 224)
     assert synthetic.count_params(model) == 132_863_336  # torchvision's vgg11
     assert synthetic.count_macs(model) == pytest.approx(7.6e9, rel=0.01)
+
+
+def test_resnetv2_50x1_bit_full_size_counts():
+    model = synthetic.resnetv2_50x1_bit()
+    # timm's resnetv2_50x1_bit: 25.55 M params; its convs are ResNet-50's, 4.09 G MACs.
+    assert synthetic.count_params(model) == pytest.approx(25.55e6, rel=0.001)
+    assert synthetic.count_macs(model) == pytest.approx(4.09e9, rel=0.01)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"InstanceNormalization", "ReduceMean", "Sqrt", "Div"} <= ops and "BatchNormalization" not in ops
+
+
+def test_resnest14d_full_size_counts():
+    model = synthetic.resnest14d()
+    # timm's resnest14d: 10.61 M params, 2.76 G MACs; four split-attention blocks.
+    assert synthetic.count_params(model) == pytest.approx(10.61e6, rel=0.002)
+    assert synthetic.count_macs(model) == pytest.approx(2.76e9, rel=0.01)
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == 4
+
+
+def test_weight_standardisation_is_folded_at_loading():
+    """StdConv2d's run-time standardisation of its weight depends on no input: the loader folds it into a
+    constant weight, each filter of mean 0 and variance 1, which the pruning then slices like any other."""
+    loaded = load(SMALL["resnetv2_50x1_bit"]())
+    ops = {n.op for n in loaded.graph.nodes}
+    assert not {"ReduceMean", "Sqrt", "Div", "Sub"} & ops
+    for node in (n for n in loaded.graph.nodes if n.op == "Conv" and "head" not in n.name):
+        filters = np.asarray(node.inputs[1].values, np.float64).reshape(node.inputs[1].values.shape[0], -1)
+        np.testing.assert_allclose(filters.mean(axis=1), 0, atol=1e-5)
+        np.testing.assert_allclose(filters.var(axis=1), 1, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["resnetv2_50x1_bit", "resnest14d", "resnest14d_runtime_batch"])
+def test_every_mac_is_in_prunable_groups(name):
+    """GroupNorms prune by whole groups and split attention by radix positions: only the logits stay."""
+    report = analyze(SMALL[name]())
+    assert report.prunable_macs_share == 1.0
+    assert [g.reasons for g in report.groups if not g.prunable] == [["feeds graph output 'logits'"]]
 
 
 def test_unknown_shufflenet_sizes_are_refused():

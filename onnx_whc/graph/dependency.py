@@ -535,8 +535,9 @@ def _reshape(t: _Tracer, node: gs.Node) -> None:
     if target is None and _shape_source_mentions(node.inputs[1], dst[1]):
         return t.block(node, "Reshape target shape is computed at run time from the channel count")
     axis = t.axis_of(node.inputs[0])
-    if axis == 1 and len(src) == 4 and len(dst) == 5 and dst[1] * dst[2] == src[1] and tuple(dst[3:]) == tuple(src[2:]):
-        return _channel_shuffle(t, node, atoms, dst[1])
+    if axis == 1 and len(src) == 4 and len(dst) == 5 and dst[1] * dst[2] == src[1] and tuple(dst[3:]) == tuple(src[2:]) \
+            and _channel_shuffle(t, node, atoms, dst[1]):
+        return
     if axis == 1 and _group_norm(t, node, atoms, src, dst):
         return
     if len(dst) == 2 and dst[0] == src[0] and len(src) >= 2:
@@ -546,7 +547,70 @@ def _reshape(t: _Tracer, node: gs.Node) -> None:
     moved = _moved_channel_axis(src, dst, axis)
     if moved is not None:  # an SE gate's 1 x C x 1 x 1 <-> 1 x 1 x 1 x C: only the axis moves
         return t.assign(node, node.outputs[0], atoms, moved)
-    t.block(node, f"Reshape {'x'.join(map(str, src))} -> {'x'.join(map(str, dst))} mixes channels")
+    position = _split_position(src, dst) if axis == 1 else None
+    if position is not None:
+        return _split_channels(t, node, atoms, src, dst, position, target)
+    merged = _merged_slices(atoms, src, dst, axis, target)
+    if merged is not None:
+        return t.assign(node, node.outputs[0], merged)
+    t.block(node, f"Reshape {_dims(src)} -> {_dims(dst)} mixes channels")
+
+
+def _dims(shape: tuple) -> str:
+    return "x".join(map(str, shape))
+
+
+def _same_rest(a: tuple, b: tuple) -> bool:
+    """Axes a Reshape leaves alone: equal, or all of size one on both sides (1x1 maps to none)."""
+    return tuple(a) == tuple(b) or all(d == 1 for d in tuple(a) + tuple(b))
+
+
+def _split_position(src: tuple, dst: tuple) -> int | None:
+    """The output axis of the position within each slice when a Reshape splits the channel axis
+    (N, K, ...) into (N, d1, ..., dk, ...), d1 * ... * dk = K, k >= 2, the other axes left alone:
+    split attention's (N, r*C, H, W) -> (N, r, C, H, W), its radix softmax's (N, r*C, 1, 1) -> (N, 1, r, C)."""
+    if len(src) < 2 or len(dst) < 3 or dst[0] != src[0] or src[1] < 2:
+        return None
+    product = 1
+    for k in range(1, len(dst)):
+        product *= dst[k]
+        if product == src[1] and k >= 2 and _same_rest(src[2:], dst[k + 1:]):
+            return k if dst[k] > 1 else None
+        if product > src[1] or product == 0:
+            return None
+    return None
+
+
+def _split_channels(t: _Tracer, node: gs.Node, atoms: np.ndarray, src: tuple, dst: tuple, position: int,
+                    target) -> None:
+    """A Reshape that splits the channels into slices of dst[position]: channel i * size + p becomes
+    position p of slice i (split attention's radix splits, ResNeSt's r x C).
+
+    Position p of every slice is coupled, as a channel shuffle's groups are: the slices lose the same
+    positions, so the target stays a valid split with the position axis rewritten. The output's channel
+    axis is the position axis, one atom per position; the slice axes carry no channels, so whatever
+    reads them (a sum or a softmax over the radix) sees whole slices, each pruned alike.
+    """
+    what = f"Reshape {_dims(src)} -> {_dims(dst)} splits the channels"
+    if target is None:
+        return t.block(node, f"{what}, and its target is computed at run time")
+    if not target.known(position) or target.values[position] == 0 or 0 in target.values[1:position]:
+        return t.block(node, f"{what}, and its target copies a dimension of the input")
+    blocks = atoms.reshape(-1, dst[position])
+    for row in blocks[1:]:
+        t.couple(blocks[0], row)
+    t.touch(node, atoms)
+    t.assign(node, node.outputs[0], blocks[0].copy(), position)
+
+
+def _merged_slices(atoms: np.ndarray, src: tuple, dst: tuple, axis: int, target) -> np.ndarray | None:
+    """The channels of a Reshape that merges the slices of split channels back: (N, s1, ..., C, ...)
+    with the channels on axis a >= 2 -> (N, s1 * ... * C, ...): each slice's positions in turn.
+    None when this is not such a merge."""
+    if axis < 2 or len(dst) < 2 or dst[0] != src[0] or dst[1] != int(np.prod(src[1:axis + 1])) \
+            or not _same_rest(src[axis + 1:], dst[2:]) or target is not None and target.values[1] == 0:
+        return None
+    return np.tile(atoms, int(np.prod(src[1:axis])))
 
 
 def _moved_channel_axis(src: tuple, dst: tuple, axis: int) -> int | None:
@@ -564,19 +628,19 @@ def _only_reader(tensor, op: str) -> gs.Node | None:
     return readers[0] if len(readers) == 1 and readers[0].op == op else None
 
 
-def _channel_shuffle(t: _Tracer, node: gs.Node, atoms: np.ndarray, groups: int) -> None:
+def _channel_shuffle(t: _Tracer, node: gs.Node, atoms: np.ndarray, groups: int) -> bool:
     """ShuffleNet's Reshape (N, g, C/g, H, W) -> Transpose(0, 2, 1, 3, 4) -> Reshape (N, C, H, W).
 
     A fixed permutation: channel i * C/g + j moves to j * g + i. Every shuffle group must lose the
     same positions j for the reshapes to stay valid, so those are coupled (as in a grouped Conv).
+    False when no shuffle follows (a split of the channels, traced as such).
     """
     transpose = _only_reader(node.outputs[0], "Transpose")
     merge = transpose and _only_reader(transpose.outputs[0], "Reshape")
     src = t.shape(node.inputs[0])
     if not merge or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3, 4] \
             or tuple(t.shape(merge.outputs[0]) or ()) != tuple(src):
-        return t.block(node, f"Reshape {'x'.join(map(str, src))} -> {'x'.join(map(str, t.shape(node.outputs[0])))} "
-                             "splits the channels, and no channel shuffle follows")
+        return False
     blocks = atoms.reshape(groups, -1)
     for k in range(1, groups):
         t.couple(blocks[0], blocks[k])
@@ -584,6 +648,7 @@ def _channel_shuffle(t: _Tracer, node: gs.Node, atoms: np.ndarray, groups: int) 
     t.touch(transpose, atoms)
     t.absorbed.update((transpose.name, merge.name))
     t.assign(merge, merge.outputs[0], blocks.T.ravel())
+    return True
 
 
 def couple_groups(t: _Tracer, atoms: np.ndarray, groups: int) -> np.ndarray:

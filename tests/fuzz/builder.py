@@ -201,6 +201,48 @@ class Net:
         y = self.node("Mul", [y, self.const(scale.reshape(c, 1, 1), "gn")], self.shape[x])
         return self.node("Add", [y, self.const(shift.reshape(c, 1, 1), "gn")], self.shape[x])
 
+    def reduce_sum(self, x: str, axes: list[int], shape: tuple[int, ...]) -> str:
+        """ReduceSum without keepdims: axes as an attribute before opset 13, as an input from 13."""
+        if self.opset < 13:
+            return self.node("ReduceSum", [x], shape, axes=axes, keepdims=0)
+        return self.node("ReduceSum", [x, self.ints(axes, "axes")], shape, keepdims=0)
+
+    def split_attention(self, x: str, channels: int, radix: int = 2, cardinality: int = 1, attn: int = 4,
+                        cut: bool = False) -> str:
+        """Split attention (ResNeSt) as timm's SplitAttn exports it: a conv to radix * C channels (groups
+        cardinality * radix), Reshape (N, r, C, H, W), ReduceSum over the radix, pooled, fc1, fc2 to r * C;
+        RadixSoftmax: Reshape (N, card, r, -1), Transpose(0, 2, 1, 3), Softmax over the radix, flattened;
+        Reshape (N, -1, 1, 1) then (N, r, C, 1, 1), Mul and ReduceSum over the radix. `cut`: ResNeSt's own
+        form, the slices and their attention cut with Split and summed with Add."""
+        _, h, w = self.shape[x]
+        mid = radix * channels
+        y = self.act(self.conv(x, mid, k=3, group=cardinality * radix), "Relu")
+        if cut:
+            slices = self.split(y, [channels] * radix)
+            gap = slices[0]
+            for part in slices[1:]:
+                gap = self.add(gap, part)
+        else:
+            y = self.node("Reshape", [y, self.ints([0, radix, channels, h, w], "sa_split")], (radix, channels, h, w))
+            gap = self.reduce_sum(y, [1], (channels, h, w))
+        gap = self.global_pool(gap, reduce=not cut)
+        a = self.act(self.conv(gap, attn, k=1, group=cardinality), "Relu")
+        a = self.conv(a, mid, k=1, group=cardinality)
+        a = self.node("Reshape", [a, self.ints([0, cardinality, radix, -1], "rs_view")],
+                      (cardinality, radix, channels // cardinality))
+        a = self.node("Transpose", [a], (radix, cardinality, channels // cardinality), perm=[0, 2, 1, 3])
+        a = self.node("Softmax", [a], self.shape[a], axis=1)
+        a = self.node("Reshape", [a, self.ints([0, -1], "rs_flat")], (mid,))
+        a = self.node("Reshape", [a, self.ints([0, -1, 1, 1], "attn_view")], (mid, 1, 1))
+        if cut:
+            out = None
+            for part, weight in zip(slices, self.split(a, [channels] * radix)):
+                product = self.mul(part, weight)
+                out = product if out is None else self.add(out, product)
+            return out
+        a = self.node("Reshape", [a, self.ints([0, radix, channels, 1, 1], "attn_split")], (radix, channels, 1, 1))
+        return self.reduce_sum(self.mul(y, a), [1], (channels, h, w))
+
     def flatten(self, x: str) -> str:
         return self.node("Flatten", [x], (int(np.prod(self.shape[x])),), axis=1)
 

@@ -3,9 +3,10 @@
 A model is a random sequence of blocks, each applied to a random live tensor: conv layers
 (plain, depthwise, grouped, with BatchNorm and activations), residual adds (identity and
 option-A strided-slice + channel-pad shortcuts), concats, channel splits, SE gates, pooling,
-upsampling, NHWC round trips, channel shuffles and GroupNorms. Every tensor left unread at the end becomes a
-graph output, raw or through a head (global pool or plain flatten, or a permute and flatten into
-hidden fully connected layers, then Gemm or MatMul). Opsets 13 to 18.
+upsampling, NHWC round trips, channel shuffles, GroupNorms and split attention (ResNeSt). Every
+tensor left unread at the end becomes a graph output, raw or through a head (global pool or plain
+flatten, or a permute and flatten into hidden fully connected layers, then Gemm or MatMul). Opsets
+13 to 18.
 """
 
 from __future__ import annotations
@@ -208,10 +209,25 @@ def group_norm(draw, g: _Graph) -> None:
     g.put(net.act(y, draw(st.sampled_from(ACTIVATIONS))) if draw(st.booleans()) else y)
 
 
+def split_attention(draw, g: _Graph) -> None:
+    """Split attention (ResNeSt): radix slices of a grouped conv, weighed by a softmax over the radix and
+    summed, as timm exports it (5-D Reshape, ReduceSum) or as ResNeSt's own code does (Split, Add)."""
+    radix = draw(st.sampled_from([2, 3, 4]))
+    cardinality = draw(st.sampled_from([1, 1, 2]))
+    x = g.pick(draw, lambda s: len(s) == 3 and s[0] % (radix * cardinality) == 0)
+    if x is None:
+        return conv(draw, g)
+    channels = cardinality * draw(st.integers(1, MAX_CHANNELS // (radix * cardinality)))
+    attn = cardinality * draw(st.integers(1, 4))
+    y = g.net.split_attention(g.take(x), channels, radix, cardinality, attn, cut=draw(st.booleans()))
+    g.put(g.net.act(y, "Relu") if draw(st.booleans()) else y)
+
+
 BLOCKS = {
     "conv": conv, "depthwise": depthwise, "grouped": grouped, "residual": residual, "add": add_two,
     "concat": concat, "split": split, "se": se_gate, "pool": pool, "upsample": upsample,
     "nhwc": nhwc_round_trip, "shuffle": shuffle, "nhwc_mlp": nhwc_mlp, "group_norm": group_norm,
+    "split_attention": split_attention,
 }
 
 
