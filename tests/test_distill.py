@@ -294,3 +294,13 @@ def test_distill_refuses_a_model_with_other_outputs(tmp_path):
 
     with pytest.raises(UserInputError, match="not the original's"):
         distill(original, other, calib={"x": calib}, distill=DistillSettings(steps=1))
+
+
+def test_the_trunk_term_reads_residual_joins_the_prune_left_whole():
+    settings = DistillSettings(steps=3, batch=8, trunks=1.0)
+    _, distiller = _distiller(_classifier(0), 0.3, 40, settings)
+    distiller.run()
+    assert distiller.report.trunks == 1  # the Add of the depthwise output and its projection
+    _, distiller = _distiller(_classifier(0), 0.3, 40, DistillSettings(steps=3, batch=8))
+    distiller.run()
+    assert distiller.report.trunks == 0
