@@ -196,6 +196,7 @@ class _Target:
     teacher: str  # the teacher's tensor it is compared with (the same name, or the logits of a Softmax output)
     weights: np.ndarray | None = None  # dense: 1 / channel variance, broadcastable
     scale: float = 1.0  # the term's weight in the loss
+    trunk: bool = False  # a residual trunk, not an output
 
 
 @dataclass
@@ -331,7 +332,8 @@ class Distiller:
             targets.append(_Target(tensor, kind, tensor))
         trunks = self._trunks({t.tensor for t in targets})
         for name in trunks:
-            targets.append(_Target(name, OutputKind("dense", 1), name, scale=self.settings.trunks / len(trunks)))
+            targets.append(_Target(name, OutputKind("dense", 1), name, scale=self.settings.trunks / len(trunks),
+                                   trunk=True))
         return targets
 
     def _trunks(self, taken: set[str]) -> list[str]:
@@ -368,8 +370,8 @@ class Distiller:
         params = self._parameters(wanted, grads)
         self.report.trained_tensors = len(params)
         self.report.trained_values = int(sum(p.value.size for p in params))
-        self.report.loss_on = [t.tensor for t in targets if t.scale == 1.0]
-        self.report.trunks = sum(t.scale != 1.0 for t in targets)
+        self.report.loss_on = [t.tensor for t in targets if not t.trunk]
+        self.report.trunks = sum(t.trunk for t in targets)
         self.report.images = self.views.count
         self._check(params, 0, None)
         self.report.before = self.best_score
