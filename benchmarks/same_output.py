@@ -91,7 +91,8 @@ def main() -> None:
                 f"`onnx-whc prune MODEL --ratio 0.4 --no-validate` (calibration cases: {IMAGES} calib-split "
                 "images), each case run from the earlier commit then from this one, in fresh processes.\n\n"
                 + markdown_table(["case", "same bytes", "seconds before", "seconds after"], rows)
-                + f"\n\nMachine: {environment_line(env)}.\n")
+                + f"\n\nMachine: {environment_line(env)}. The seconds are single runs: with other jobs on the cores "
+                "they say the time did not change by much, not by how little.\n")
     write_results("same_output", markdown, {"against": args.against, "environment": env, "cells": cells})
     print(markdown)
 
