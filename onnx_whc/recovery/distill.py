@@ -100,7 +100,7 @@ class DistillReport:
     trunks: int = 0  # residual trunks the loss also reads
     note: str = ""  # why the loss moved off an output, or why nothing was kept
     images_per_second: float = 0.0
-    data: str = ""
+    data: str = "samples"  # what the views were made from
 
     def summary(self) -> str:
         moved = (f"held-out {self.measure} {self.before:.3f} -> {self.after:.3f}" if self.before is not None
