@@ -290,9 +290,7 @@ def distill(original, pruned, *, settings: Settings | None = None, on_checkpoint
     best_providers(s.distill.provider)  # a wrong --provider fails now
     loaded = load(original, s.input_shapes)
     teacher = export(loaded.graph, loaded)
-    read_model(pruned)  # a missing or broken file is one clear line
-    student = onnx.load(pruned) if not isinstance(pruned, onnx.ModelProto) else onnx.ModelProto.FromString(
-        pruned.SerializeToString())
+    student = read_model(pruned)  # read once, external data too; distillation writes a copy, never this one
     ins = lambda m: [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]  # noqa: E731
     outs = lambda m: [o.name for o in m.graph.output]  # noqa: E731
     if ins(student) != ins(teacher) or outs(student) != outs(teacher):

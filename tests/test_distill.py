@@ -117,7 +117,7 @@ def test_training_gradients_match_finite_differences_of_the_loss(which):
     out = student.graph.output[0].name
     if which == "classifier":
         logits = producers[out].input[0]
-        targets = [_Target(logits, OutputKind("classifier", 1), logits)]
+        targets = [_Target(logits, OutputKind("classifier", 1))]
         teacher_model = onnx.ModelProto.FromString(teacher.SerializeToString())
         teacher_model.graph.output.append(onnx.helper.make_tensor_value_info(logits, 1, None))
         t = _run(teacher_model, x)[1]
@@ -126,7 +126,7 @@ def test_training_gradients_match_finite_differences_of_the_loss(which):
         feeds = {"target__0": (e / e.sum(1, keepdims=True)).astype(np.float32)}
         weights = [None]
     else:
-        targets = [_Target(out, OutputKind("dense", 1), out)]
+        targets = [_Target(out, OutputKind("dense", 1))]
         t = _run(teacher, x)[0]
         temperature = 1.0
         w = (1 / t.transpose(1, 0, 2, 3).reshape(4, -1).var(1)).reshape(1, 4, 1, 1).astype(np.float32)

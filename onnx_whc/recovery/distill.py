@@ -194,9 +194,8 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
 # ---- the training model ---------------------------------------------------------------------------------------------
 @dataclass
 class _Target:
-    tensor: str  # the student's tensor the loss reads
+    tensor: str  # the tensor the loss reads, in the student and in the teacher alike
     kind: OutputKind
-    teacher: str  # the teacher's tensor it is compared with (the same name, or the logits of a Softmax output)
     weights: np.ndarray | None = None  # dense: 1 / channel variance, broadcastable
     scale: float = 1.0  # the term's weight in the loss
     trunk: bool = False  # a residual trunk, not an output
@@ -213,11 +212,11 @@ class _Parameter:
     second: np.ndarray = None
 
 
-def trainable(model: onnx.ModelProto, parameters: str = "all") -> dict[str, int | None]:
+def trainable(model: onnx.ModelProto) -> dict[str, int | None]:
     """Initializer name -> its filter axis (None: trained as a vector), for the weights distillation trains.
 
-    Float initializers read at the positions `TRAINED_OPS` lists; with "affine", Conv/Gemm/MatMul
-    weights still appear (their filters are scaled, not reshaped).
+    Float initializers read at the positions `TRAINED_OPS` lists (per-channel Mul/Add constants, not
+    scalars); the same set for `parameters="affine"`, which scales their filters instead of moving them.
     """
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     found = {}
@@ -332,11 +331,10 @@ class Distiller:
                 tensor = node.input[0]
             if kind.kind == "scalar":
                 kind = OutputKind("dense", 1)
-            targets.append(_Target(tensor, kind, tensor))
+            targets.append(_Target(tensor, kind))
         trunks = self._trunks({t.tensor for t in targets})
         for name in trunks:
-            targets.append(_Target(name, OutputKind("dense", 1), name, scale=self.settings.trunks / len(trunks),
-                                   trunk=True))
+            targets.append(_Target(name, OutputKind("dense", 1), scale=self.settings.trunks / len(trunks), trunk=True))
         return targets
 
     def _trunks(self, taken: set[str]) -> list[str]:
@@ -364,7 +362,7 @@ class Distiller:
         timer = self.timer = _Budget(s, time.perf_counter())
         shape = (self.batch, *self.views.shape[1:])
         names = [o.name for o in self.student.graph.output]
-        wanted = trainable(self.student, s.parameters)
+        wanted = trainable(self.student)
         targets, train_model, grads = self._training(names, wanted, shape)
         teacher = self._teacher_model(targets)
         teacher_session = session(teacher, self.providers)
@@ -384,7 +382,7 @@ class Distiller:
         train_begin = timer.elapsed()
         for step in self._steps(timer):
             x = self.views.batch(self.batch)
-            teacher_out = teacher_session.run([t.teacher for t in targets], {self.input: x})
+            teacher_out = teacher_session.run([t.tensor for t in targets], {self.input: x})
             feeds = {self.input: x}
             for k, (target, value) in enumerate(zip(targets, teacher_out)):
                 feeds[f"target__{k}"] = self._target_feed(target, value)
@@ -392,7 +390,8 @@ class Distiller:
                     feeds[f"weight__{k}"] = 2 * target.scale * target.weights / value.size
             feeds.update({p.name: p.value for p in params})
             outs = train_session.run(fetch, feeds)
-            losses.append(self._loss(targets, outs[len(params):], teacher_out))
+            fed = [feeds[f"target__{k}"] for k in range(len(targets))]
+            losses.append(self._loss(targets, outs[len(params):], fed))
             lr = s.lr * _schedule(timer.progress(step), s.warmup)
             for p, grad in zip(params, outs[:len(params)]):
                 _adam(p, grad, lr, step)
@@ -449,7 +448,7 @@ class Distiller:
             except NoGradient as err:
                 if not err.node:
                     raise
-                moved = self._before(err.node, targets)
+                moved = self._before(err.node)
                 if not moved:
                     raise
                 notes.append(f"{err}: the loss is taken on {', '.join(t.tensor for t in moved)}")
@@ -457,7 +456,7 @@ class Distiller:
                            and not self._reaches(err.node, t.tensor)] + moved
         raise NoGradient("too many ops without a backward rule before the outputs")
 
-    def _before(self, node_name: str, targets: list[_Target]) -> list[_Target]:
+    def _before(self, node_name: str) -> list[_Target]:
         """Dense targets on the float inputs of `node_name` that the prune left at the original's shape."""
         node = next(n for n in self.student.graph.node if (n.name or n.output[0]) == node_name)
         original_shapes, student_shapes = self._shapes()
@@ -469,7 +468,7 @@ class Distiller:
                 continue
             if original_shapes.get(name) != student_shapes.get(name) or len(student_shapes.get(name, ())) < 2:
                 continue
-            moved.append(_Target(name, OutputKind("dense", 1), name))
+            moved.append(_Target(name, OutputKind("dense", 1)))
         return moved
 
     def _reaches(self, node_name: str, tensor: str) -> bool:
@@ -485,8 +484,8 @@ class Distiller:
         model = onnx.ModelProto.FromString(self.original.SerializeToString())
         known = {o.name for o in model.graph.output}
         for t in targets:
-            if t.teacher not in known:
-                model.graph.output.append(helper.make_tensor_value_info(t.teacher, onnx.TensorProto.FLOAT, None))
+            if t.tensor not in known:
+                model.graph.output.append(helper.make_tensor_value_info(t.tensor, onnx.TensorProto.FLOAT, None))
         return model
 
     def _set_weights(self, targets: list[_Target], teacher_session) -> None:
@@ -494,7 +493,7 @@ class Distiller:
         dense = [t for t in targets if t.kind.kind != "classifier"]
         if not dense:
             return
-        samples = [teacher_session.run([t.teacher for t in dense], {self.input: self.views.batch(self.batch)})
+        samples = [teacher_session.run([t.tensor for t in dense], {self.input: self.views.batch(self.batch)})
                    for _ in range(max(1, 64 // self.batch))]
         for k, target in enumerate(dense):
             values = np.concatenate([run[k] for run in samples])
@@ -515,12 +514,12 @@ class Distiller:
         e = np.exp(scaled)
         return (e / e.sum(target.kind.axis, keepdims=True)).astype(np.float32)
 
-    def _loss(self, targets, student_out, teacher_out) -> float:
+    def _loss(self, targets, student_out, fed) -> float:
+        """One step's loss from the student's outputs and the targets fed (a classifier's already softened)."""
         total = 0.0
-        for target, s, t in zip(targets, student_out, teacher_out):
+        for target, s, t in zip(targets, student_out, fed):
             if target.kind.kind == "classifier":
-                temp, axis = self.settings.temperature, target.kind.axis
-                p = self._target_feed(target, t)
+                temp, axis, p = self.settings.temperature, target.kind.axis, t
                 log_q = s / temp - s.max(axis, keepdims=True) / temp
                 log_q = log_q - np.log(np.exp(log_q).sum(axis, keepdims=True))
                 kl = (p * (np.log(np.maximum(p, 1e-30)) - log_q)).sum(axis)
