@@ -154,6 +154,7 @@ def prune(model, ratio: float | None = None, *, settings: Settings | None = None
         with clock("evaluated"):
             report.top1 = {"before": labelled.top1(run.original), "after": labelled.top1(pruned), "on": labelled.on}
     report.seconds = clock.total()
+    report.memory = run.memory()
     return pruned, report
 
 

@@ -89,6 +89,9 @@ _CALIBRATION_OPTIONS = [
     click.option("--recover-samples", type=int, default=RecoverySettings.samples, show_default=True,
                  help="Sampled output positions per layer for lsq/stats, at least: a layer gets 100 per input "
                       "of its map, up to 4x this (memory and time grow with it)."),
+    click.option("--memory", metavar="SIZE", help="Memory the passes over calibration data may hold, e.g. 4G or "
+                 "500M: they hold as many samples at once as it allows.  [default: a quarter of the memory "
+                 "available at the start]"),
 ]
 
 _DISTILL_OPTIONS = [
@@ -206,7 +209,7 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, target_latency, batch, threads, output,
           criterion, exclude, round_to, report_path, no_validate, seed, provider, distill, distill_steps, distill_batch,
           distill_parameters, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
-          layout, eval_set, recover, allocate, recover_samples):
+          layout, eval_set, recover, allocate, recover_samples, memory):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
@@ -217,7 +220,8 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
         if path:
             check_writable(option, path)  # before the work, not after it
     settings = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
-                         crop, layout, eval_set, recover, allocate, recover_samples, criterion, exclude, round_to).but(
+                         crop, layout, eval_set, recover, allocate, recover_samples, memory, criterion, exclude,
+                         round_to).but(
         ratio=ratio, target_macs=target_macs, validate=not no_validate, floor=QualityFloor(min_agreement, min_r2),
         distill=_distill_settings(distill, distill_steps, distill_batch, distill_parameters, seed, provider),
         speed=None if target_speedup is None and target_latency is None else
@@ -259,12 +263,13 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
 @_input_shape
 @_calibration_options
 def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, input_shape, calib, calib_size,
-          calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples):
+          calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples, memory):
     """Prune at several MACs budgets and tabulate quality, latency and top-1, with a plot."""
     for suffix in (".md", ".json", ".png"):
         check_writable("-o", prefix + suffix)
     settings = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
-                         crop, layout, eval_set, recover, allocate, recover_samples, criterion, exclude, round_to)
+                         crop, layout, eval_set, recover, allocate, recover_samples, memory, criterion, exclude,
+                         round_to)
     result = sweep_model(model, [b for b in budgets.split(",") if b.strip()], settings=settings)
     markdown = result.to_markdown()
     click.echo(markdown)
@@ -276,13 +281,14 @@ def sweep(model, budgets, prefix, criterion, exclude, round_to, seed, provider, 
 
 
 def _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop, layout,
-              eval_set, recover, allocate, recover_samples, criterion, exclude, round_to) -> Settings:
+              eval_set, recover, allocate, recover_samples, memory, criterion, exclude, round_to) -> Settings:
     """The options `prune` and `sweep` share, as the one settings object the API reads."""
     return Settings(criterion=criterion, exclude=exclude, round_to=round_to, seed=seed,
                     input_shapes=parse_input_shapes(input_shape), calib=calib, calib_size=calib_size,
                     preprocess=_preprocess(calib_preset, mean, std, resize, crop, layout), synthetic=synthetic,
                     eval_set=eval_set, recover=recover, allocate=allocate,
-                    recovery_settings=RecoverySettings(samples=recover_samples), provider=provider, progress=True)
+                    recovery_settings=RecoverySettings(samples=recover_samples), memory=memory, provider=provider,
+                    progress=True)
 
 
 def _preprocess(preset, mean, std, resize, crop, layout):
@@ -353,7 +359,7 @@ def _write_curve(report_path: str, distilled: dict) -> None:
 @_calibration_options
 def distill(original, pruned, duration, output, report_path, seed, provider, distill_steps, distill_batch,
             distill_parameters, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
-            layout, eval_set, recover, allocate, recover_samples):
+            layout, eval_set, recover, allocate, recover_samples, memory):
     """Heal a model pruned earlier: train PRUNED towards ORIGINAL on augmented views of --calib images.
 
     PRUNED keeps its graph; only its weights change. Any model with ORIGINAL's inputs and outputs will do.
@@ -367,7 +373,7 @@ def distill(original, pruned, duration, output, report_path, seed, provider, dis
     if settings is None:
         raise UserInputError("give --time (e.g. 15m) or --distill-steps")
     options = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,
-                        crop, layout, eval_set, recover, allocate, recover_samples, "auto", (), None)
+                        crop, layout, eval_set, recover, allocate, recover_samples, memory, "auto", (), None)
     model, report = distill_models(original, pruned, settings=options.but(distill=settings))
     click.echo(f"distill: {report.summary()}")
     if report_path:

@@ -17,6 +17,7 @@ from .errors import UserInputError
 from .graph.dependency import analyze_channels
 from .graph.equivalence import export, release_weights
 from .graph.load import LoadedModel, infer_static_shapes, load, return_freed_memory
+from .graph.memory import MemoryBudget, check_fits, current_rss, peak_rss
 from .graph.plan import PrunePlan
 from .graph.runtime import best_providers, samples_per_run
 from .graph.surgery import apply_plan
@@ -63,6 +64,8 @@ class Pipeline:
         self.loaded = load(model, s.input_shapes)
         return_freed_memory()
         self.analysis = analyze_channels(self.loaded)
+        self.budget = MemoryBudget.of(s.memory)
+        check_fits(self.budget, self.loaded.graph, self.loaded.shapes, weight_bytes(self.loaded.graph))
         self.widths = None
         speed = s.speed
         if round_to == MEASURED:  # before calibration: a failing provider fails early
@@ -99,7 +102,7 @@ class Pipeline:
                                     self.input_types, self.chunk, s.seed) if measure else None
         self.allocator = Allocator(self.loaded, self.analysis, self.calibration.fit, self.select_args, stats,
                                    progress=progress_bar(s.progress, "measuring group sensitivity"),
-                                   latency=self.widths if speed else None) if allocate else None
+                                   latency=self.widths if speed else None, room=self.room()) if allocate else None
         self.recovery_settings = recovery.RecoverySettings(
             **{**vars(s.recovery_settings or recovery.RecoverySettings()), "method": self.method, "seed": s.seed})
 
@@ -144,8 +147,21 @@ class Pipeline:
         keep = lambda name: self.analysis.keep_mask(name, plan.removed_roots)  # noqa: E731
         pruned, report = recovery.recover(self.original, pruned, keep, self.calibration, self.probe, self.chunk,
                                           self.recovery_settings, self.loaded.shapes,
-                                          progress_bar(self.progress and in_place, f"recovering ({self.method})"))
+                                          progress_bar(self.progress and in_place, f"recovering ({self.method})"),
+                                          self.room())
         return pruned, report, cost
+
+    def room(self) -> int:
+        """Bytes a pass over calibration data may still hold within the budget."""
+        return max(0, self.budget.total - current_rss())
+
+    def memory(self) -> dict:
+        """The budget, the peak so far, and how many chunks of calibration data were read."""
+        calibration = self.calibration
+        chunks = sum(v.reads for part in (calibration.fit, calibration.held) for v in part.values()) \
+            if calibration else 0
+        return {"budget_bytes": self.budget.total, "budget": self.budget.source, "peak_bytes": peak_rss(),
+                "calibration_chunks": chunks}
 
 
 def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> tuple[onnx.ModelProto, Cost]:
@@ -160,6 +176,10 @@ def prune_copy(loaded: LoadedModel, analysis, plan, in_place: bool = False) -> t
     if in_place:
         release_weights(work.graph)
     return model, cost
+
+
+def weight_bytes(graph) -> int:
+    return sum(t.values.nbytes for t in graph.tensors().values() if hasattr(t, "values"))
 
 
 def calibration_for(input_shapes, types, s: Settings, wanted: bool, original: onnx.ModelProto | None, macs: int,

@@ -39,6 +39,7 @@ class Settings:
     recovery_settings: RecoverySettings | None = None
     distill: DistillSettings | None = None  # train the recovered model towards the original afterwards
     # Checking and measuring.
+    memory: int | str | None = None  # bytes (or "4G") the prune may hold; None: a share of what is available
     validate: bool = True
     provider: str | None = None
     progress: bool = False

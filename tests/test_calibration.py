@@ -231,7 +231,7 @@ def _shared(*parts) -> Path:
 
 def test_shared_cifar_folder_subset():
     folder = _shared("data", "cifar10-test")
-    batch = load_calibration(folder, {"input": ("batch", 3, 32, 32)}, size=8)["input"]
+    batch = np.asarray(load_calibration(folder, {"input": ("batch", 3, 32, 32)}, size=8)["input"])
     assert batch.shape == (8, 3, 32, 32) and np.isfinite(batch).all()
     assert -2.2 < batch.min() < batch.max() < 2.7  # the ImageNet-normalised range of 0..255
 
@@ -240,4 +240,5 @@ def test_shared_imagenet_resize_and_crop():
     folder = _shared("data", "imagenet-sample")
     preprocess = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, resize=256, crop=224)
     batch = load_calibration(folder, {"input": ("batch", 3, 224, 224)}, size=4, preprocess=preprocess)["input"]
+    batch = np.asarray(batch)
     assert batch.shape == (4, 3, 224, 224) and -1.0 <= batch.min() < batch.max() <= 1.0

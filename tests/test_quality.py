@@ -101,7 +101,7 @@ def test_synthetic_calibration_only_for_image_inputs(shape, layout, ok):
     assert (calibration is not None) == ok, why
     if ok:
         assert calibration.synthetic and calibration.fit_count == 16 and calibration.held_count == 4
-        assert calibration.fit["x"].shape[1:] == shape[1:] and -1.0 <= calibration.fit["x"].min()
+        assert calibration.fit["x"].shape[1:] == shape[1:] and -1.0 <= np.asarray(calibration.fit["x"]).min()
         assert "held-out samples of 20 built-in synthetic dead-leaves images" in calibration.quality_on
     else:
         assert why

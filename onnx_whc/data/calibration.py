@@ -19,6 +19,7 @@ import onnx
 from PIL import Image
 
 from onnx_whc.data.inversion import InversionSettings, NotInvertible, gradient_model, refine
+from onnx_whc.data.samples import PixelFile, Samples
 from onnx_whc.errors import UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -104,13 +105,18 @@ class Calibration:
 
     `fit` feeds statistics, allocation and recovery; `held` is kept apart for measuring quality
     (empty when there were too few samples to spare any: quality then says it is measured on `fit`).
+    Both are `Samples`, read a chunk at a time (arrays given are wrapped as they are).
     """
 
-    fit: dict[str, np.ndarray]
-    held: dict[str, np.ndarray]
+    fit: dict[str, Samples]
+    held: dict[str, Samples]
     source: str  # e.g. "500 images from calib/", "320 built-in synthetic dead-leaves images"
     synthetic: bool = False
     fit_paths: tuple[Path, ...] | None = None  # the files `fit` was read from, when they were image files
+
+    def __post_init__(self) -> None:
+        for field in ("fit", "held"):
+            object.__setattr__(self, field, {k: Samples.of(v) for k, v in getattr(self, field).items()})
 
     @property
     def fit_count(self) -> int:
@@ -121,7 +127,7 @@ class Calibration:
         return len(next(iter(self.held.values()))) if self.held else 0
 
     @property
-    def quality_feeds(self) -> dict[str, np.ndarray]:
+    def quality_feeds(self) -> dict[str, Samples]:
         return self.held or self.fit
 
     @property
@@ -138,7 +144,7 @@ class Calibration:
         return f"the {self.fit_count} fitting samples of {self.source} (too few to hold any out)"
 
     @classmethod
-    def of(cls, samples: dict[str, np.ndarray], source: str, synthetic: bool = False, seed: int = 0,
+    def of(cls, samples: dict[str, np.ndarray | Samples], source: str, synthetic: bool = False, seed: int = 0,
            paths: list[Path] | None = None) -> "Calibration":
         """Split `samples` (read from image `paths`, if given): a fifth (at most MAX_HELD_OUT, none below
         10 samples) held out at random.
@@ -150,9 +156,10 @@ class Calibration:
         held = min(MAX_HELD_OUT, count // 5) if count >= 10 else 0
         out = np.zeros(count, bool)
         out[np.random.default_rng([seed, 0x4E1D]).choice(count, held, replace=False)] = True
-        fit = {k: v[~out] for k, v in samples.items()}
+        samples = {k: Samples.of(v) for k, v in samples.items()}
+        fit = {k: v.subset(~out) for k, v in samples.items()}
         fit_paths = tuple(p for p, o in zip(paths, out) if not o) if paths is not None else None
-        return cls(fit, {k: v[out] for k, v in samples.items()} if held else {}, source, synthetic, fit_paths)
+        return cls(fit, {k: v.subset(out) for k, v in samples.items()} if held else {}, source, synthetic, fit_paths)
 
 
 def make_calibration(calib, input_shapes: dict[str, tuple], input_types: dict[str, np.dtype],
@@ -306,8 +313,9 @@ def check_arrays(calib, input_shapes: dict[str, tuple]) -> dict[str, np.ndarray]
     return arrays
 
 
-def _cast(arrays: dict[str, np.ndarray], types: dict[str, np.dtype]) -> dict[str, np.ndarray]:
-    """Arrays in the element types the model's inputs declare (float16 models take float16)."""
+def _cast(arrays: dict, types: dict[str, np.dtype]) -> dict:
+    """Arrays (or Samples, cast as they are read) in the element types the model's inputs declare
+    (float16 models take float16)."""
     return {name: a.astype(types.get(name, np.float32), copy=False) for name, a in arrays.items()}
 
 
@@ -317,7 +325,7 @@ def load_calibration(
     size: int | None = None,
     preprocess: Preprocess = Preprocess(),
     seed: int = 0,
-) -> dict[str, np.ndarray]:
+) -> dict[str, Samples]:
     """Read calibration inputs for a model whose inputs have `input_shapes`.
 
     `path` is a folder of images (single-input models), an .npy (single-input models) or an
@@ -336,7 +344,8 @@ def load_calibration(
     if path.suffix.lower() in (".npy", ".npz") and path.is_file():
         arrays = _read_arrays(path, input_shapes, where)
         _check_batch(arrays, input_shapes, where)
-        return {name: arr[:size] for name, arr in arrays.items()}
+        return {name: Samples.of(arr).astype(np.float32, copy=False).subset(slice(None, size))
+                for name, arr in arrays.items()}
     if not path.exists():
         raise UserInputError(f"{where}: no such file or folder")
     raise UserInputError(f"{where}: not a folder, .npy or .npz")
@@ -362,17 +371,34 @@ def load_images(
     paths: Sequence[Path], preprocess: Preprocess, size_hw: tuple[int, int] | None = None
 ) -> np.ndarray:
     """Decode, resize/crop and normalise `paths` into one float32 batch."""
+    return pixel_samples(paths, preprocess, size_hw)[:]
+
+
+DECODE_CHUNK = 32  # images decoded at once into a PixelFile
+
+
+def pixel_samples(paths: Sequence[Path], preprocess: Preprocess, size_hw: tuple[int, int] | None = None) -> Samples:
+    """`paths` decoded, resized and cropped a few at a time into uint8 pixels; normalised when read.
+
+    The same float32 values as `load_images`, without holding them: memory follows `DECODE_CHUNK`.
+    """
     if not paths:
         raise UserInputError("no images to load")
-    pixels = [read_image(p, preprocess, size_hw) for p in paths]
-    first = pixels[0].shape
-    for p, arr in zip(paths, pixels):
-        if arr.shape != first:
-            raise UserInputError(
-                f"images differ in size after preprocessing ({paths[0]} is {first[1]}x{first[0]}, "
-                f"{p} is {arr.shape[1]}x{arr.shape[0]}); set a resize and crop"
-            )
-    return normalize(np.stack(pixels), preprocess)
+    store = None
+    for lo in range(0, len(paths), DECODE_CHUNK):
+        chunk = paths[lo:lo + DECODE_CHUNK]
+        pixels = [read_image(p, preprocess, size_hw) for p in chunk]
+        if store is None:
+            h, w = pixels[0].shape[:2]
+            sample_shape = (h, w, 3) if preprocess.layout == "NHWC" else (3, h, w)
+            store = PixelFile(h, w, len(paths), lambda px: normalize(px, preprocess), sample_shape)
+        for p, arr in zip(chunk, pixels):
+            if arr.shape != store.pixel_shape:
+                raise UserInputError(
+                    f"images differ in size after preprocessing ({paths[0]} is {store.pixel_shape[1]}x"
+                    f"{store.pixel_shape[0]}, {p} is {arr.shape[1]}x{arr.shape[0]}); set a resize and crop")
+        store.append(np.stack(pixels))
+    return Samples(store, np.float32)
 
 
 def read_image(path: Path, preprocess: Preprocess, size_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -473,7 +499,7 @@ def _single_input(input_shapes: dict[str, tuple], where: str, what: str) -> tupl
 
 def _load_folder(
     folder: Path, name: str, shape: tuple, size: int | None, preprocess: Preprocess, seed: int, where: str
-) -> np.ndarray:
+) -> Samples:
     """Images under `folder` as one batch for the model input `name` of `shape`."""
     if len(shape) != 4:
         raise UserInputError(f"{where}: model input {name!r} of shape {_format_shape(shape)} does not take images")
@@ -490,7 +516,7 @@ def _load_folder(
     size_hw = (h, w) if _is_static(h) and _is_static(w) else None
     preprocess = _sized_for(preprocess, h, w)
     try:
-        batch = load_images(paths, preprocess, size_hw)
+        batch = pixel_samples(paths, preprocess, size_hw)
     except UserInputError as err:
         raise UserInputError(f"{where}: {err}") from None
     if not _fits(batch.shape, shape):
@@ -518,12 +544,14 @@ def _read_arrays(path: Path, input_shapes: dict[str, tuple], where: str) -> dict
 
 
 def _read_npy(path: Path, where: str) -> np.ndarray:
-    """A float array from an .npy file, as float32."""
+    """A float array from an .npy file, memory-mapped (read as float32 a chunk at a time, see `_cast`)."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise UserInputError(f"{where}: cannot read the array ({err})") from None
-    return _as_float32(arr, where, "the array")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserInputError(f"{where}: the array has dtype {arr.dtype}, expected float32 model inputs")
+    return arr
 
 
 def _read_npz(path: Path, input_shapes: dict[str, tuple], where: str) -> dict[str, np.ndarray]:

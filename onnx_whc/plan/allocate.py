@@ -22,8 +22,10 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UserInputError
 from ..graph.dependency import ChannelAnalysis, ChannelGroup
+from ..data.samples import subset
 from ..graph.equivalence import export
 from ..graph.load import LoadedModel
+from ..graph.memory import most_samples, sample_bytes
 from ..graph.ops import consumer_weight_axis
 from ..graph.plan import PrunePlan
 from ..graph.runtime import concatenated, samples_per_run, session
@@ -66,7 +68,7 @@ class MaskedModel:
     """
 
     def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray],
-                 means: dict[str, np.ndarray], probes: list[np.ndarray] = ()):
+                 means: dict[str, np.ndarray], probes: list[np.ndarray] = (), room: int | None = None):
         graph = loaded.graph.copy()
         self.analysis = analysis
         floats = [t.dtype for t in graph.inputs if t.dtype is not None and np.issubdtype(t.dtype, np.floating)]
@@ -94,10 +96,14 @@ class MaskedModel:
             node.inputs[0] = masks[x.name]
         graph.toposort()
         self.graph, self.loaded = graph, loaded
-        self.feeds = feeds  # already in the inputs' types (Calibration)
         self.means = {name: means[name].astype(self.dtype).reshape(shape) for name, shape in self.masked.items()}
         self.segments = [s for s in (self._segment(roots) for roots in probes) if s is not None]
         cut = sorted({name for s in self.segments for name in s.cut})
+        count = len(next(iter(feeds.values())))
+        if room is not None:  # the cut tensors and two sets of outputs are held for every sample
+            per_sample = sample_bytes(loaded.shapes, cut) + 2 * sample_bytes(loaded.shapes, self.outputs)
+            count = max(1, most_samples(lambda n: n * per_sample, room, count))
+        self.feeds = subset(feeds, slice(None, count))  # already in the inputs' types (Calibration)
         model = export(with_outputs(graph, cut), loaded)
         self.session, self.chunk = session(model), samples_per_run(model, loaded.shapes)
         runs = list(self._chunks(self.session, self._masks(self._keeps(np.zeros(0, np.int64))), self.outputs + cut))
@@ -215,7 +221,8 @@ class Allocator:
 
     def __init__(self, loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[str, np.ndarray],
                  select_args: dict, stats: ChannelStats, samples: int | None = None,
-                 progress: Callable = lambda items: items, latency: WidthSteps | None = None):
+                 progress: Callable = lambda items: items, latency: WidthSteps | None = None,
+                 room: int | None = None):
         self.select_args = {**select_args, "importance": _cached_importance(
             select_args.get("criterion", "whc"), select_args.get("seed", 0), select_args.get("importance"))}
         exclude = select_args.get("exclude", ())
@@ -223,8 +230,9 @@ class Allocator:
         if samples is None:  # as many as the probe budget pays for: more images, steadier damage figures
             per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
             samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
-        masked = MaskedModel(loaded, analysis, {k: v[:samples] for k, v in feeds.items()}, stats.mean,
-                             probes=[g.classes for g in groups])
+        masked = MaskedModel(loaded, analysis, subset(feeds, slice(None, samples)), stats.mean,
+                             probes=[g.classes for g in groups], room=room)
+        self.samples = len(next(iter(masked.feeds.values())))
         grid = np.round(np.arange(0.0, PROBE_RATIOS[-1] + 1e-9, STEP), 4)
         removals = _removals(analysis, groups, sorted(set(grid[1:].tolist()) | set(PROBE_RATIOS)), self.select_args)
         self.damage = {group.id: [masked.damage(removals[group.id, r]) for r in PROBE_RATIOS]

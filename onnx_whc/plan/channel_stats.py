@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.samples import subset
 from ..graph.dependency import ChannelAnalysis
 from ..graph.equivalence import export
 from ..graph.load import LoadedModel
@@ -38,7 +39,7 @@ def channel_stats(loaded: LoadedModel, analysis: ChannelAnalysis, feeds: dict[st
     tensors = graph.tensors()
     graph.outputs += [tensors[name] for name in names if tensors[name] not in graph.outputs]
     model = export(graph, loaded)
-    feeds = {k: v[:MAX_SAMPLES] for k, v in feeds.items()}  # already in the inputs' types (Calibration)
+    feeds = subset(feeds, slice(None, MAX_SAMPLES))  # already in the inputs' types (Calibration); read per chunk
     sess, chunk = session(model), samples_per_run(model, loaded.shapes)
     sums = {n: 0.0 for n in names}
     squares = {n: 0.0 for n in names}

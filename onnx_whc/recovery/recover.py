@@ -29,16 +29,21 @@ import numpy as np
 import onnx
 
 from ..data.calibration import Calibration
+from ..data.samples import evenly_spread, subset
 from ..errors import UserInputError
+from ..graph.memory import held_bytes, live_sizes, most_samples
 from ..measure.quality import QualityProbe
 from . import bias as data_free
 from .fit import FitSettings, fit_layers
 from .layers import find_layers
 from .lsq import ridge_fit
-from .replay import Replay
+from .replay import COMPACT_BYTES, Replay
 from .stats import renormalise
 
 METHODS = ("auto", "none", "bias", "stats", "lsq")
+# What the replay holds besides the samples' activations: the original's outputs waiting for their
+# layer (FitSettings.ahead_bytes), the sampled patches and targets of a layer, one chunk's run.
+REPLAY_OVERHEAD = 768 << 20
 
 
 @dataclass
@@ -69,11 +74,12 @@ def resolve_method(method: str, has_calibration: bool) -> str:
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[str], np.ndarray | None],
             calibration: Calibration | None, probe: QualityProbe | None, chunk: int,
             settings: RecoverySettings = RecoverySettings(), shapes: dict | None = None,
-            progress: Callable = lambda items: items) -> tuple[onnx.ModelProto, dict | None]:
+            progress: Callable = lambda items: items, room: int | None = None) -> tuple[onnx.ModelProto, dict | None]:
     """Recover `pruned` towards `original`; `keep(tensor)` gives a tensor's surviving channels.
 
     `probe` measures quality before and after (on the held-out samples); `chunk` is the
-    number of samples per ONNX Runtime run.
+    number of samples per ONNX Runtime run; `room` the bytes the replay may hold (None: no limit),
+    which bounds how many of the calibration samples it fits on.
     """
     method = resolve_method(settings.method, calibration is not None)
     if method == "none":
@@ -90,7 +96,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[
         fit_settings = FitSettings(samples=settings.samples, sequential=settings.sequential,
                                    residual=settings.residual, seed=settings.seed,
                                    rectified=settings.rectified if method == "lsq" else 0)
-        source, target = Replay(original, calibration.fit, chunk), Replay(pruned, calibration.fit, chunk)
+        feeds, held = replayed_samples(original, calibration.fit, shapes or {}, room, settings.seed)
+        source, target = Replay(original, feeds, chunk), Replay(pruned, feeds, chunk)
         sizes = {name: int(np.prod(s[1:])) for name, s in (shapes or {}).items()
                  if s and all(isinstance(d, int) for d in s)}
         records = fit_layers(source, target, layers, update, fit_settings, sizes, progress)
@@ -101,6 +108,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[
         "settings": {k: v for k, v in asdict(settings).items() if k != "method"},
         "calibration": "none (data-free)" if calibration is None else calibration.source,
         "calibration_samples": 0 if calibration is None else calibration.fit_count,
+        "samples_fitted": 0 if calibration is None or method == "bias" else held,
         "layers": len(records),
         "quality_on": probe.on if probe else "n/a",
         "quality_before": before.headline() if before else {},
@@ -112,6 +120,23 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: Callable[[
     return recovered, report
 
 
+def replayed_samples(original: onnx.ModelProto, fit: dict, shapes: dict, room: int | None,
+                     seed: int) -> tuple[dict, int]:
+    """The calibration samples the replay holds (all, or as many as `room` bytes hold, spread over
+    the set) and how many.
+
+    The replay keeps every held sample's live activations in both models, so its memory grows with
+    the samples; the rows each layer is fitted on are drawn from those it holds.
+    """
+    count = len(next(iter(fit.values())))
+    if room is None:
+        return fit, count
+    positions = live_sizes(original, shapes)
+    held = max(1, most_samples(lambda n: 2 * held_bytes(positions, n, COMPACT_BYTES) + REPLAY_OVERHEAD,
+                               room, count))
+    return (fit, count) if held == count else (subset(fit, evenly_spread(count, held, seed)), held)
+
+
 def ridge_fit_with(ridge: float):
     return lambda moments, current: ridge_fit(moments, current, ridge)
 
@@ -121,5 +146,9 @@ def _summary(report: dict, before, after) -> str:
     if before is not None and before.worst is not None:
         name, q = before.worst
         change = f"'{name}' {q.describe()} -> {after.outputs[name].describe()}"
-    return (f"{report['layers']} layers fitted on {report['calibration_samples']} samples, {report['seconds']:.1f} s; "
-            f"{change}")
+    samples = report["samples_fitted"]
+    if samples < report["calibration_samples"]:
+        samples = f"{samples} of the {report['calibration_samples']} samples (as many as the memory budget holds)"
+    else:
+        samples = f"{samples} samples"
+    return f"{report['layers']} layers fitted on {samples}, {report['seconds']:.1f} s; {change}"

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..graph.dependency import ChannelAnalysis
+from ..graph.memory import format_size
 from ..graph.plan import PrunePlan
 from ..measure.metrics import Cost, node_macs
 from ..measure.quality import OutputQuality
@@ -81,6 +82,7 @@ class PruneReport:
     widths: dict | None = None  # --round-to measured: each group's latency steps, and what the timing cost
     distill: dict | None = None  # --distill: steps, views, seconds, provider, the held-out measure and its curve
     distill_summary: str | None = None
+    memory: dict | None = None  # the budget, the process's peak, the chunks of calibration data read
 
     @property
     def removed_channels(self) -> int:
@@ -160,6 +162,10 @@ class PruneReport:
             v = self.validation
             lines.append(f"latency  {v['latency_ms_before']:.2f} ms -> {v['latency_ms_after']:.2f} ms "
                          f"({v['speedup']:.2f}x, {v['provider']}, batch 1, median)")
+        if self.memory:
+            m = self.memory
+            lines.append(f"memory: peak {format_size(m['peak_bytes'])}, budget {format_size(m['budget_bytes'])} "
+                         f"({m['budget']}); calibration data read in {m['calibration_chunks']} chunks")
         return "\n".join(lines)
 
 
