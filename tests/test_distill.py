@@ -16,8 +16,15 @@ from onnx_whc.cli import main
 from onnx_whc.data.calibration import Calibration, Preprocess
 from onnx_whc.data.views import Augment, Views
 from onnx_whc.measure.quality import OutputKind, QualityProbe
-from onnx_whc.recovery.distill import (DistillSettings, Distiller, _Target, default_batch, parse_duration, trainable,
-                                       training_model)
+from onnx_whc.recovery.distill import (
+    Distiller,
+    DistillSettings,
+    _Target,
+    default_batch,
+    parse_duration,
+    trainable,
+    training_model,
+)
 
 from .builder import GraphBuilder
 

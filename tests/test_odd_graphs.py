@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_whc import analyze, prune
-from onnx_whc.graph.load import load
 from onnx_whc.cli import main
+from onnx_whc.graph.load import load
 
 from .fuzz.builder import Net
 from .oracle import prune_and_compare

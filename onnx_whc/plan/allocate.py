@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..data.samples import subset
 from ..errors import UserInputError
 from ..graph.dependency import ChannelAnalysis, ChannelGroup
-from ..data.samples import subset
 from ..graph.equivalence import export
 from ..graph.load import LoadedModel
 from ..graph.memory import most_samples, sample_bytes
