@@ -40,6 +40,9 @@ PROBE_RATIOS = (0.25, 0.5, 0.75)  # measured damage; linear in between, 0 at rat
 STEP = 0.05  # granularity of the allocated ratios
 PROBE_MACS = 2e12  # multiply-accumulates all probes may spend (about 15 s on 2 cores)
 MIN_SAMPLES, MAX_SAMPLES = 32, 256  # calibration images per probe
+# Large inputs carry many positions per image (a detector at 640: 8,400 anchors): where 32 images would
+# cost the probes over four times their budget, 8 will do.
+FEWEST_SAMPLES = 8
 _MASK = "allocate_mask::"
 _OFFSET = "allocate_offset::"
 
@@ -229,7 +232,8 @@ class Allocator:
         groups = [g for g in analysis.groups if g.prunable and not excluded_by(g, exclude)]
         if samples is None:  # as many as the probe budget pays for: more images, steadier damage figures
             per_image = MacsEstimator(loaded, analysis).total * len(groups) * len(PROBE_RATIOS)
-            samples = int(np.clip(PROBE_MACS // max(per_image, 1), MIN_SAMPLES, MAX_SAMPLES))
+            fewest = FEWEST_SAMPLES if MIN_SAMPLES * per_image > 4 * PROBE_MACS else MIN_SAMPLES
+            samples = int(np.clip(PROBE_MACS // max(per_image, 1), fewest, MAX_SAMPLES))
         masked = MaskedModel(loaded, analysis, subset(feeds, slice(None, samples)), stats.mean,
                              probes=[g.classes for g in groups], room=room)
         self.samples = len(next(iter(masked.feeds.values())))
