@@ -15,9 +15,9 @@ from onnx_whc.data import samples as samples_module
 from onnx_whc.data.calibration import Calibration, Preprocess, load_calibration, normalize, pixel_samples, read_image
 from onnx_whc.data.samples import evenly_spread
 from onnx_whc.errors import UserInputError
-from onnx_whc.graph.memory import MemoryBudget, held_bytes, live_sizes, most_samples, parse_size
 from onnx_whc.graph.dependency import analyze_channels
 from onnx_whc.graph.load import load
+from onnx_whc.graph.memory import MemoryBudget, held_bytes, live_sizes, most_samples, parse_size
 from onnx_whc.plan.allocate import Allocator
 from onnx_whc.plan.channel_stats import channel_stats
 from onnx_whc.recovery.recover import REPLAY_OVERHEAD, RecoverySettings, replayed_samples
