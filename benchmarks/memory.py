@@ -89,7 +89,6 @@ def run_cell(name: str, work: Path, images: Path, memory: str | None) -> dict:
     return {"cell": name, "model": model, "side": side, "images": count, "peak_gb": round(peak / 1e9, 2),
             "minutes": round(seconds / 60, 1), "budget": data["memory"]["budget"],
             "budget_gb": round(data["memory"]["budget_bytes"] / 1e9, 2),
-            "chunks": data["memory"]["calibration_chunks"],
             "recovery_samples": recovery.get("samples_fitted"), "fit_samples": recovery.get("calibration_samples"),
             "macs_kept": round(data["macs_kept"], 4), "summary": done.stdout.strip().splitlines()}
 
@@ -115,10 +114,9 @@ def main(argv=None) -> None:
 
 def _write_markdown(rows: list[dict]) -> None:
     table = markdown_table(
-        ["cell", "model", "input", "images", "peak RSS (GB)", "minutes", "budget", "recovery held", "chunks read",
-         "MACs kept"],
+        ["cell", "model", "input", "images", "peak RSS (GB)", "minutes", "budget", "recovery held", "MACs kept"],
         [[r["cell"], r["model"], f"{r['side']}x{r['side']}", r["images"], r["peak_gb"], r["minutes"],
-          f"{r['budget_gb']} GB ({r['budget']})", f"{r['recovery_samples']} of {r['fit_samples']}", r["chunks"],
+          f"{r['budget_gb']} GB ({r['budget']})", f"{r['recovery_samples']} of {r['fit_samples']}",
           f"{r['macs_kept']:.1%}"] for r in rows])
     machines = sorted({r["environment"] for r in rows})
     text = ("# Memory of `prune --calib`\n\n`python -m benchmarks.memory`: `prune MODEL --calib IMAGES --calib-size N "

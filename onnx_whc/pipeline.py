@@ -158,8 +158,9 @@ class Pipeline:
     def memory(self) -> dict:
         """The budget, the peak so far, and how many chunks of calibration data were read."""
         calibration = self.calibration
-        chunks = sum(v.reads for part in (calibration.fit, calibration.held) for v in part.values()) \
-            if calibration else 0
+        sources = {id(v.source): v.source for part in (calibration.fit, calibration.held) for v in part.values()} \
+            if calibration else {}
+        chunks = sum(source.reads for source in sources.values())
         return {"budget_bytes": self.budget.total, "budget": self.budget.source, "peak_bytes": peak_rss(),
                 "calibration_chunks": chunks}
 

@@ -189,3 +189,11 @@ def test_the_summary_and_report_give_the_peak_and_the_budget(tmp_path):
     memory = json.loads((tmp_path / "r.json").read_text())["memory"]
     assert memory["budget_bytes"] == 8_000_000_000 and 0 < memory["peak_bytes"] < 8_000_000_000
     assert memory["calibration_chunks"] > 0
+
+
+def test_reads_through_any_subset_count_on_the_shared_source():
+    samples = Calibration.of({"x": np.zeros((20, 2), np.float32)}, "t").fit["x"]
+    before = samples.source.reads
+    part = samples.subset(slice(0, 4))
+    part[0:2], samples[3:5], part[np.array([1, 3])]
+    assert samples.source.reads == before + 3

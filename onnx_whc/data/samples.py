@@ -23,7 +23,6 @@ class Samples:
     def __init__(self, source, dtype, indices: np.ndarray | None = None):
         self.source, self.dtype = source, np.dtype(dtype)
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
-        self.reads = 0  # chunks read, for the summary
 
     @classmethod
     def of(cls, array) -> "Samples":
@@ -44,7 +43,7 @@ class Samples:
     def __getitem__(self, key) -> np.ndarray:
         key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         rows = self.indices[key]
-        self.reads += 1
+        self.source.reads += 1
         if np.ndim(rows) == 0:
             values = self.source.read(np.array([rows]))[0]
         else:
@@ -86,7 +85,7 @@ class _Rows:
     """Rows of an array in memory or memory-mapped."""
 
     def __init__(self, array):
-        self.array = array
+        self.array, self.reads = array, 0  # reads: chunks read through any Samples of it, for the summary
         self.sample_shape = tuple(array.shape[1:])
 
     def __len__(self) -> int:
@@ -107,7 +106,7 @@ class PixelFile:
 
     def __init__(self, height: int, width: int, count: int, normalize: Callable[[np.ndarray], np.ndarray],
                  sample_shape: tuple[int, ...]):
-        self.pixel_shape = (height, width, 3)
+        self.pixel_shape, self.reads = (height, width, 3), 0
         self.row_bytes = height * width * 3
         self.count, self.filled = count, 0
         self.normalize, self.sample_shape = normalize, tuple(sample_shape)
