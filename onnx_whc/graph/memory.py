@@ -58,7 +58,7 @@ def parse_size(text: str) -> int:
 
 
 def format_size(size: float) -> str:
-    return f"{size / GB:.1f} GB" if size >= 0.1 * GB else f"{size / 1e6:.0f} MB"
+    return f"{size / GB:.1f} GB" if size >= GB else f"{size / 1e6:.0f} MB"
 
 
 @dataclass(frozen=True)
