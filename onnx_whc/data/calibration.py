@@ -608,7 +608,7 @@ def _format_shape(shape: tuple) -> str:
 
 
 def load_labelled(path: str | os.PathLike, input_shapes: dict[str, tuple], preprocess: Preprocess | None = None,
-                  input_types: dict[str, np.dtype] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+                  input_types: dict[str, np.dtype] | None = None) -> tuple[dict[str, Samples], np.ndarray, str]:
     """A labelled image set for top-1 (`--eval`): (inputs by name, labels, what it is).
 
     `path` is a folder with one subfolder per class (ImageNet style: classes numbered in sorted
@@ -640,7 +640,7 @@ def load_labelled(path: str | os.PathLike, input_shapes: dict[str, tuple], prepr
     h, w = shape[1:3] if preprocess.layout == "NHWC" else shape[2:4]
     preprocess = _sized_for(preprocess, h, w)
     try:
-        batch = load_images([p for p, _ in items], preprocess, (h, w))
+        batch = pixel_samples([p for p, _ in items], preprocess, (h, w))
     except UserInputError as err:
         raise UserInputError(f"{where}: {err}") from None
     inputs = _cast({name: batch}, input_types or {})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -36,22 +36,12 @@ class Samples:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.source.sample_shape)
 
-    @property
-    def nbytes_per_sample(self) -> int:
-        return int(np.prod(self.source.sample_shape)) * self.dtype.itemsize
-
     def __getitem__(self, key) -> np.ndarray:
         key, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         rows = self.indices[key]
         self.source.reads += 1
-        if np.ndim(rows) == 0:
-            values = self.source.read(np.array([rows]))[0]
-        else:
-            values = self.source.read(rows)
-        values = values.astype(self.dtype, copy=False)
-        if not rest:
-            return values
-        return values[rest] if np.ndim(rows) == 0 else values[(slice(None), *rest)]
+        values = self.source.read(np.atleast_1d(rows)).astype(self.dtype, copy=False)[(slice(None), *rest)]
+        return values[0] if np.ndim(rows) == 0 else values
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[:]
@@ -63,10 +53,6 @@ class Samples:
 
     def astype(self, dtype, copy: bool = True) -> "Samples":
         return self if np.dtype(dtype) == self.dtype and not copy else Samples(self.source, dtype, self.indices)
-
-    def chunks(self, size: int) -> Iterable[np.ndarray]:
-        for lo in range(0, len(self), size):
-            yield self[lo:lo + size]
 
 
 def subset(feeds: dict, positions) -> dict[str, Samples]:

@@ -81,11 +81,12 @@ class MemoryBudget:
 
 def sample_bytes(shapes: dict, names, itemsize: int = 4) -> int:
     """Bytes of the tensors `names` for one sample (shapes with batch 1; unknown sizes count nothing)."""
-    return sum(itemsize * _elements(shapes.get(name)) for name in names)
+    return sum(itemsize * elements_per_sample(shapes.get(name)) for name in names)
 
 
-def _elements(shape) -> int:
-    if not shape or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:]):
+def elements_per_sample(shape) -> int:
+    """Values per sample of a tensor of `shape` (batch first), or 0 when a dimension is not a fixed size."""
+    if not shape or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
         return 0
     return int(np.prod(shape[1:], dtype=np.int64))
 
@@ -99,10 +100,10 @@ def live_sizes(model, shapes: dict) -> list[list[int]]:
     """
     nodes, inputs, outputs = _io(model)
     last_use = {name: index for index, (reads, _) in enumerate(nodes) for name in reads}
-    live = {name: _elements(shapes.get(name)) for name in inputs}
+    live = {name: elements_per_sample(shapes.get(name)) for name in inputs}
     positions = []
     for index, (_, writes) in enumerate(nodes):
-        live.update({name: _elements(shapes.get(name)) for name in writes if name})
+        live.update({name: elements_per_sample(shapes.get(name)) for name in writes if name})
         live = {name: size for name, size in live.items() if last_use.get(name, -1) > index or name in outputs}
         positions.append(list(live.values()))
     return positions

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import UserInputError
+from .memory import elements_per_sample
 from .storage import fits_protobuf, save_external  # models over protobuf's 2 GB go through a file
 
 
@@ -144,8 +145,7 @@ def samples_per_run(model: onnx.ModelProto, shapes: dict | None) -> int:
     dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
     if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
         return int(dims[0].dim_value)
-    sizes = [int(np.prod(s[1:])) for s in (shapes or {}).values()
-             if s and all(isinstance(d, int) and d > 0 for d in s)]
+    sizes = [size for size in map(elements_per_sample, (shapes or {}).values()) if size]
     largest = 4 * max(sizes, default=1 << 20)
     return int(np.clip(_RUN_BYTES // largest, 1, _MAX_RUN))
 
