@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_whc.graph import backward
 from onnx_whc.graph.backward import RULES, NoGradient, backpropagate, static_shapes, with_batch
 
 from .builder import GraphBuilder
@@ -343,7 +344,11 @@ CONVS = {
     "grouped": ((2, 4, 6, 6), (6, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
     "depthwise": ((2, 4, 7, 7), (4, 1, 3, 3), {"group": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     "depthwise, stride 1": ((2, 4, 6, 6), (4, 1, 3, 3), {"group": 4, "pads": [1, 1, 1, 1]}),
+    "depthwise, two filters per channel": ((2, 3, 6, 6), (6, 1, 3, 3), {"group": 3, "pads": [0, 1, 1, 0]}),
     "1-D": ((2, 3, 9), (4, 3, 3), {"strides": [2], "pads": [1, 0]}),
+    "pointwise": ((2, 3, 5, 5), (4, 3, 1, 1), {}),
+    "pointwise, stride 2": ((2, 3, 5, 5), (4, 3, 1, 1), {"strides": [2, 2]}),
+    "depthwise 5x5": ((2, 3, 7, 7), (3, 1, 5, 5), {"group": 3, "pads": [2, 2, 2, 2]}),
     "SAME_UPPER": ((1, 3, 7, 7), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
     "SAME_LOWER": ((1, 3, 6, 6), (2, 3, 4, 4), {"auto_pad": "SAME_LOWER"}),
     "VALID, rectangular": ((1, 3, 6, 7), (2, 3, 2, 3), {"auto_pad": "VALID", "strides": [1, 2]}),
@@ -356,6 +361,13 @@ def test_conv_input_weight_and_bias(case, weights):
     x_shape, w_shape, attrs = CONVS[case]
     ins = [("x", _normal(x_shape)), ("w", _normal(w_shape, 0.5, seed=1)), ("w_bias", _normal(w_shape[:1], seed=2))]
     _check(*_single("Conv", ins, **attrs), weights_as_inputs=weights == "inputs")
+
+
+@pytest.mark.parametrize("case", ["group 1", "stride 2 leaving a row", "dilation 2", "grouped", "depthwise", "1-D"])
+def test_conv_weight_gradient_as_a_conv_where_the_unfolded_input_would_be_too_large(case, monkeypatch):
+    monkeypatch.setattr(backward, "IM2COL_VALUES", 0)
+    x_shape, w_shape, attrs = CONVS[case]
+    _check(*_single("Conv", [("x", _normal(x_shape)), ("w", _normal(w_shape, 0.5, seed=1))], **attrs))
 
 
 @pytest.mark.parametrize("case", ["stride 2", "depthwise", "depthwise, stride 1", "pads wider than the kernel", "1-D"])

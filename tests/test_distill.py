@@ -15,10 +15,12 @@ from onnx_whc.api import distill, prune
 from onnx_whc.cli import main
 from onnx_whc.data.calibration import Calibration, Preprocess
 from onnx_whc.data.views import Augment, Views
-from onnx_whc.measure.quality import OutputKind, QualityProbe
+from onnx_whc.measure.quality import OutputKind, QualityProbe, divergence
 from onnx_whc.recovery.distill import (
     Distiller,
     DistillSettings,
+    _Budget,
+    _Parameter,
     _Target,
     default_batch,
     parse_duration,
@@ -194,6 +196,41 @@ def test_never_worse_than_the_start():
     assert "the start is returned" in distiller.report.summary()
     for a, b in zip(healed.graph.initializer, student.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_the_checkpoint_is_the_lowest_divergence_whose_agreement_is_not_below_the_start():
+    _, distiller = _distiller(_classifier(0), 0.05, 80, DistillSettings(steps=1))
+    distiller.timer = _Budget(distiller.settings, 0.0)
+    scripted = iter([(0.80, 0.30), (0.80, 0.20), (0.85, 0.25), (0.78, 0.10), (0.80, 0.15), (None, None)])
+    distiller._evaluate = lambda params, step, seconds, loss: next(scripted)
+    params = [_Parameter("w", np.zeros(2, np.float32), np.ones(1, np.float32), None, False)]
+    chosen = []
+    for step in range(6):
+        params[0].value[:] = step
+        distiller._check(params, step, None)
+        if step == 0:
+            distiller.report.before = distiller.best_score
+        chosen.append(distiller.report.best_step)
+    # the agreement tie at a lower divergence wins; a higher agreement at a higher divergence does not; a lower
+    # divergence whose agreement fell below the start's is passed over
+    assert chosen == [0, 1, 1, 1, 4, 4]
+    assert distiller.best_values["w"].tolist() == [4.0, 4.0]
+
+
+def test_divergence_reads_logits_and_probabilities_alike():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((50, 10)), rng.standard_normal((50, 10))
+    p = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+    q = np.exp(b) / np.exp(b).sum(1, keepdims=True)
+    expected = float((p * np.log(p / q)).sum(1).mean())
+    kind = [OutputKind("classifier", 1)]
+    assert divergence([a], [b], kind) == pytest.approx(expected)
+    assert divergence([p], [q], kind) == pytest.approx(expected)
+    assert divergence([a], [a + 3.0], kind) == pytest.approx(0.0, abs=1e-12)  # softmax ignores a shift
+    dense = rng.standard_normal((20, 4, 3, 3))
+    assert divergence([dense], [dense], [OutputKind("dense", 1)]) == 0.0
+    assert divergence([dense], [np.zeros_like(dense)], [OutputKind("dense", 1)]) == pytest.approx(1.0, abs=0.15)
+    assert divergence([np.zeros(3, np.int64)], [np.zeros(3, np.int64)], [OutputKind("integer")]) is None
 
 
 def test_affine_training_scales_whole_filters_and_moves_biases():

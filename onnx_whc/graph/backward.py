@@ -827,40 +827,45 @@ def _conv_input_grad(b, g: str, weight, weight_shape, in_shape, out_shape, strid
     return grad
 
 
-# Largest im2col matrix (values) the weight gradient builds; beyond it, the Conv formulation, which needs none.
+# Largest unfolded input (values) the weight gradient builds; beyond it, the Conv formulation, which needs none.
 IM2COL_VALUES = 1 << 26
 
 
 def _conv_weight_grad(b, x: str, g: str, in_shape, out_shape, kernel, strides, dilations, begin, group: int) -> str:
     """dW of a Conv: dW[m, c, k] = sum over n, p of dY[n, m, p] * x_padded[n, c, p*stride + k*dilation].
 
-    As one batched MatMul of dY with the input's im2col matrix (a strided Slice per kernel offset),
-    which ONNX Runtime's GEMM runs 4-8x faster than the Conv formulation on CIFAR ResNets; where
-    that matrix would be too large (a depthwise conv on a large map), as a Conv instead.
+    The input's windows are unfolded by a Conv whose one-hot kernels each copy one kernel offset,
+    then multiplied with dY sample by sample (a batched MatMul per group) and summed over the batch.
+    On two cores this runs depthwise gradients 3-6x faster than one strided Slice and GEMM per
+    offset (EfficientNet-Lite0's 16x32x112x112 layer: 80 ms against 490), and dense ones as fast.
+    Where the unfolded input would be too large, and for depthwise kernels larger than 3x3 (5x5 at
+    16x480x14x14: 25 ms against 60), the Conv formulation, which needs none.
     """
-    columns = int(np.prod(kernel)) * in_shape[1] * in_shape[0] * int(np.prod(out_shape[2:]))
-    if columns > IM2COL_VALUES:
-        return _conv_weight_grad_as_conv(b, x, g, in_shape, out_shape, kernel, strides, dilations, begin, group)
     batch, channels = in_shape[:2]
+    offsets, positions = int(np.prod(kernel)), int(np.prod(out_shape[2:]))
     filters, spatial = out_shape[1], len(kernel)
     per_group, filters_per_group = channels // group, filters // group
-    positions = batch * int(np.prod(out_shape[2:]))
-    moved = b.transpose(x, [1, 0, *range(2, 2 + spatial)])  # channels first: each slice is a block of rows
+    if offsets * channels * batch * positions > IM2COL_VALUES or (per_group == 1 and offsets > 9):
+        return _conv_weight_grad_as_conv(b, x, g, in_shape, out_shape, kernel, strides, dilations, begin, group)
     end = [max(0, (out - 1) * s + (k - 1) * d + 1 - size - p)
            for size, out, k, s, d, p in zip(in_shape[2:], out_shape[2:], kernel, strides, dilations, begin)]
-    if any(begin) or any(end):
-        moved = b.pad(moved, [0, 0, *begin, 0, 0, *end])
-    grads = b.reshape(b.transpose(g, [0, *range(2, 2 + spatial), 1]), [positions, group, filters_per_group])
-    grads = b.transpose(grads, [1, 0, 2]) if group > 1 else b.reshape(grads, [1, positions, filters])
-    axes = list(range(2, 2 + spatial))
-    parts = []
-    for offset in itertools.product(*(range(k) for k in kernel)):  # one GEMM per kernel offset
-        starts = [o * d for o, d in zip(offset, dilations)]
-        ends = [start + (out - 1) * s + 1 for start, out, s in zip(starts, out_shape[2:], strides)]
-        rows = b.reshape(b.slice(moved, starts, ends, axes, list(strides)), [group, per_group, positions])
-        parts.append(b.reshape(b.add("MatMul", [rows, grads], "dweight"), [group, per_group, filters_per_group, 1]))
-    product = b.add("Concat", parts, "dweight", axis=3) if len(parts) > 1 else parts[0]  # (G, Cg, Og, offsets)
-    product = b.transpose(product, [0, 2, 1, 3])
+    if offsets == 1 and list(in_shape[2:]) == list(out_shape[2:]) and not any(begin):
+        windows = x  # a pointwise kernel at stride 1 reads the input as it is
+    else:
+        dtype = helper.tensor_dtype_to_np_dtype(b.types.get(x, onnx.TensorProto.FLOAT))
+        one_hot = b.const(np.eye(offsets, dtype=dtype).reshape(offsets, 1, *kernel), "offsets")
+        planes = b.reshape(x, [batch * channels, 1, *in_shape[2:]])
+        windows = b.add("Conv", [planes, one_hot], "windows", kernel_shape=list(kernel), strides=list(strides),
+                        dilations=list(dilations), pads=list(begin) + end)
+        reach = [(size + p + q - (k - 1) * d - 1) // s + 1
+                 for size, k, s, d, p, q in zip(in_shape[2:], kernel, strides, dilations, begin, end)]
+        if reach != list(out_shape[2:]):  # rows past the last window (a ConvTranspose's output padding)
+            windows = b.slice(windows, [0] * spatial, out_shape[2:], range(2, 2 + spatial))
+    windows = b.reshape(windows, [batch, group, per_group * offsets, positions])
+    grads = b.reshape(g, [batch, group, filters_per_group, positions])
+    grads = b.transpose(grads, [0, 1, 3, 2]) if filters_per_group > 1 else b.reshape(grads, [batch, group, positions, 1])
+    product = b.reduce_sum(b.add("MatMul", [windows, grads], "dweight"), [0], keepdims=0)  # (G, Cg*offsets, Og)
+    product = b.transpose(b.reshape(product, [group, per_group, offsets, filters_per_group]), [0, 3, 1, 2])
     return b.reshape(product, [filters, per_group, *kernel])
 
 

@@ -233,11 +233,42 @@ class QualityProbe:
         self.kinds = output_kinds(original, self.reference)
         self._last: tuple[onnx.ModelProto, Quality] | None = None
 
-    def measure(self, candidate: onnx.ModelProto) -> Quality:
+    def outputs(self, candidate: onnx.ModelProto) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, run_model(candidate, self.feeds, self.chunk)))
+
+    def measure(self, candidate: onnx.ModelProto, outputs: dict[str, np.ndarray] | None = None) -> Quality:
+        """`candidate`'s quality; `outputs`, if given, are its outputs on these inputs, already computed."""
         if self._last is not None and self._last[0] is candidate:  # recovery measured it already
             return self._last[1]
-        outputs = dict(zip(self.names, run_model(candidate, self.feeds, self.chunk)))
+        outputs = outputs if outputs is not None else self.outputs(candidate)
         quality = Quality({name: compare(self.reference[name], outputs[name], self.kinds[name])
                            for name in self.names}, self.on)
         self._last = candidate, quality
         return quality
+
+
+def divergence(reference: list[np.ndarray], candidate: list[np.ndarray], kinds: list[OutputKind]) -> float | None:
+    """How far `candidate` answers from `reference`, finely: the mean over outputs of a classifier's
+    KL divergence (the reference's distribution against the candidate's) and a dense output's
+    1 - mean R². Unlike agreement on a few hundred samples, it moves with every small change."""
+    losses = []
+    for a, b, kind in zip(reference, candidate, kinds):
+        if a.size == 0 or kind.kind in ("integer", "scalar"):
+            continue
+        if kind.kind == "classifier":
+            p, log_q = _log_probabilities(a, kind.axis), _log_probabilities(b, kind.axis)
+            losses.append(float((np.exp(p) * (p - log_q)).sum(kind.axis).mean()))
+        else:
+            r2 = channel_r2(a, b, kind.axis)
+            if r2 is not None:
+                losses.append(1.0 - float(np.nanmean(r2)))
+    return float(np.mean(losses)) if losses else None
+
+
+def _log_probabilities(values: np.ndarray, axis: int) -> np.ndarray:
+    """Log-probabilities from a classifier's output: probabilities already (a Softmax's), or logits."""
+    values = values.astype(np.float64)
+    if values.min() >= 0 and np.allclose(values.sum(axis), 1.0, atol=1e-3):
+        return np.log(np.maximum(values, 1e-30))
+    shifted = values - values.max(axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis, keepdims=True))

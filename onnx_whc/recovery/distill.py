@@ -34,7 +34,7 @@ from ..errors import UserInputError
 from ..graph.backward import NoGradient, backpropagate, static_shapes, with_batch
 from ..graph.constants import attribute
 from ..graph.runtime import best_providers, session
-from ..measure.quality import OutputKind, Quality, QualityProbe
+from ..measure.quality import OutputKind, Quality, QualityProbe, divergence
 from ..progress import Meter
 
 PARAMETERS = ("all", "affine")
@@ -94,8 +94,11 @@ class DistillReport:
     measure: str = ""  # what the held-out figure is, e.g. "top-1 agreement"
     before: float | None = None
     after: float | None = None
+    divergence: str = ""  # the finer held-out measure that chooses the checkpoint, e.g. "KL divergence"
+    divergence_before: float | None = None
+    divergence_after: float | None = None
     best_step: int = 0
-    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss", "held_out"}
+    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss", "held_out", "divergence"}
     loss_on: list[str] = field(default_factory=list)  # tensors the loss is taken on, the trunks aside
     trunks: int = 0  # residual trunks the loss also reads
     note: str = ""  # why the loss moved off an output, or why nothing was kept
@@ -105,6 +108,8 @@ class DistillReport:
     def summary(self) -> str:
         moved = (f"held-out {self.measure} {self.before:.3f} -> {self.after:.3f}" if self.before is not None
                  else "no held-out measure")
+        if self.divergence_before is not None:
+            moved += f", {self.divergence} {self.divergence_before:.4f} -> {self.divergence_after:.4f}"
         kept = "" if self.best_step or self.before is None else "; no checkpoint beat the start: the start is returned"
         line = (f"{self.steps:,} steps, {self.views:,} augmented views of {self.images:,} {self.data}, "
                 f"{_duration(self.seconds)} on {self.provider} ({self.images_per_second:.1f} views/s); {moved}{kept}")
@@ -313,6 +318,7 @@ class Distiller:
         self.input = views.name
         self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters)
         self.best_score: float | None = None
+        self.best_fit: float | None = None  # the held-out divergence of the best checkpoint
         self.best_values: dict[str, np.ndarray] = {}
         self.checked = -1  # the last step scored
         self._shape_cache: tuple[dict, dict] | None = None
@@ -366,7 +372,7 @@ class Distiller:
         targets, train_model, grads = self._training(names, wanted, shape)
         teacher = self._teacher_model(targets)
         teacher_session = session(teacher, self.providers)
-        train_session = session(train_model, self.providers)
+        train_session = session(train_model, self.providers, layouts=False)
         self._set_weights(targets, teacher_session)
         params = self._parameters(wanted, grads)
         self.report.trained_tensors = len(params)
@@ -375,7 +381,7 @@ class Distiller:
         self.report.trunks = sum(t.trunk for t in targets)
         self.report.images = self.views.count
         self._check(params, 0, None)
-        self.report.before = self.best_score
+        self.report.before, self.report.divergence_before = self.best_score, self.best_fit
         fetch = [grads[p.name] for p in params] + [t.tensor for t in targets]
         step, losses = 0, []
         checks = _checkpoints(s.evaluations)
@@ -406,20 +412,33 @@ class Distiller:
         self.report.images_per_second = round(self.report.views / max(elapsed, 1e-9), 2)
         if self.checked != step:
             self._check(params, step, float(np.mean(losses)) if losses else None)
-        self.report.after = self.best_score
+        self.report.after, self.report.divergence_after = self.best_score, self.best_fit
         self.report.seconds = round(timer.elapsed(), 2)
-        if self.best_score is None:  # nothing to choose by: the training's last step
+        if self.best_score is None and self.best_fit is None:  # nothing to choose by: the training's last step
             self.report.note = "; ".join(filter(None, [self.report.note, "no held-out measure: the last step"]))
             return self._with_values({p.name: p.value for p in params})
         return self._with_values(self.best_values)
 
     def _check(self, params: list[_Parameter], step: int, loss: float | None) -> None:
-        """Score the current weights on the held-out samples; keep them if they are the best so far."""
-        score, _ = self._evaluate(params, step, self.timer.elapsed(), loss)
+        """Score the current weights on the held-out samples; keep them if they are the best so far.
+
+        Best is the lowest held-out divergence among the checkpoints whose quality figure is no
+        lower than the start's: agreement on 200 samples moves in steps of 0.005 and, on ResNet-56,
+        chose a checkpoint 0.6 point of eval top-1 below the last. Without a divergence (integer or
+        scalar outputs only), the highest quality figure.
+        """
+        score, fit = self._evaluate(params, step, self.timer.elapsed(), loss)
         self.checked = step
-        if score is not None and (self.best_score is None or score > self.best_score):
-            self.best_score, self.best_values = score, {p.name: p.value.copy() for p in params}
+        if step == 0 or self._better(score, fit):
+            self.best_score, self.best_fit = score, fit
+            self.best_values = {p.name: p.value.copy() for p in params}
             self.report.best_step = step
+
+    def _better(self, score: float | None, fit: float | None) -> bool:
+        start = self.report.before
+        if fit is not None and self.best_fit is not None:
+            return fit < self.best_fit and (score is None or start is None or score >= start)
+        return score is not None and (self.best_score is None or score > self.best_score)
 
     def _steps(self, timer):
         step = 0
@@ -549,20 +568,33 @@ class Distiller:
         return model
 
     def _evaluate(self, params, step: int, seconds: float, loss: float | None):
-        """The held-out score of the current weights (mean over outputs of agreement or R²), recorded."""
+        """The held-out score of the current weights (mean over outputs of agreement or R²) and their
+        divergence from the original there, recorded."""
         model = self._with_values({p.name: p.value for p in params})
-        quality = self.probe.measure(model)
+        outputs = self.probe.outputs(model)
+        quality = self.probe.measure(model, outputs)
         score, measure = _score(quality)
+        names = self.probe.names
+        fit = divergence([self.probe.reference[n] for n in names], [outputs[n] for n in names],
+                         [self.probe.kinds[n] for n in names])
         self.report.measure = measure
+        self.report.divergence = _divergence_name(self.probe.kinds.values())
         self.report.curve.append({"step": step, "seconds": round(seconds, 2),
                                   "loss": None if loss is None else round(loss, 6),
-                                  "held_out": None if score is None else round(score, 6)})
+                                  "held_out": None if score is None else round(score, 6),
+                                  "divergence": None if fit is None else round(fit, 6)})
         if self.on_checkpoint is not None:
             begin = time.perf_counter()
             self.on_checkpoint(self.report.curve[-1], model)
             if self.timer is not None:
                 self.timer.start += time.perf_counter() - begin
-        return score, quality
+        return score, fit
+
+
+def _divergence_name(kinds) -> str:
+    found = {k.kind for k in kinds}
+    names = [name for kind, name in (("classifier", "KL divergence"), ("dense", "1 - R²")) if kind in found]
+    return " and ".join(names)
 
 
 def _score(quality: Quality) -> tuple[float | None, str]:
