@@ -61,12 +61,16 @@ def _padded(lo: float, hi: float) -> tuple[float, float]:
 
 
 def distill_curve(distilled: dict, path: str) -> None:
-    """The held-out measure and the training loss against minutes of distillation."""
+    """The held-out measure, the held-out divergence that chooses the checkpoint, and the training loss
+    against minutes of distillation."""
     curve = distilled["curve"]
     minutes = lambda point: point["seconds"] / 60  # noqa: E731
     held = [(minutes(p), p["held_out"]) for p in curve]
+    fit = [(minutes(p), p.get("divergence")) for p in curve]
     loss = [(minutes(p), p["loss"]) for p in curve if p["loss"] is not None]
-    line_charts([{"x": "minutes", "y": f"held-out {distilled['measure']}", "series": {"held out": held}},
-                 {"x": "minutes", "y": "training loss", "series": {"loss": loss}}], path,
+    panels = [{"x": "minutes", "y": f"held-out {distilled['measure']}", "series": {"held out": held}}]
+    if any(y is not None for _, y in fit):
+        panels.append({"x": "minutes", "y": f"held-out {distilled['divergence']}", "series": {"held out": fit}})
+    line_charts(panels + [{"x": "minutes", "y": "training loss", "series": {"loss": loss}}], path,
                 f"distillation on {distilled['provider']}: {distilled['steps']} steps of {distilled['batch']} views")
 
