@@ -34,12 +34,14 @@ from .datasets import accuracy, load_split
 # name: (model, data set, MACs budget or None for --ratio 0.4 without --calib, minutes, images, preset)
 CELLS = {
     "resnet56-0.549": ("resnet56_cifar10.onnx", "cifar10", 0.549, 20, "calib", "cifar"),
+    "resnet56-0.549-affine": ("resnet56_cifar10.onnx", "cifar10", 0.549, 20, "calib", "cifar"),
     "resnet56-0.45": ("resnet56_cifar10.onnx", "cifar10", 0.45, 20, "calib", "cifar"),
     "resnet56-0.45-4000": ("resnet56_cifar10.onnx", "cifar10", 0.45, 20, "eval4000", "cifar"),
     "resnet56-synthetic": ("resnet56_cifar10.onnx", "cifar10", None, 20, None, "cifar"),
     "efficientnet_lite0-0.78": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
     "yolov8n-0.7": ("yolov8n_nudenet.onnx", "yolo", 0.7, 60, "calib", "yolo"),
 }
+VARIANTS = {"resnet56-0.549-affine": {"parameters": "affine"}}  # cell -> DistillSettings fields other than the default
 FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample", "yolo": "imagenet-sample"}
 SIDES = {"cifar10": 32, "imagenet": 224, "yolo": 320}
 
@@ -134,7 +136,8 @@ def run_cell(name: str, minutes: float | None, provider: str | None) -> dict:
                   f"eval {curve[-1]['eval']:.4f}", flush=True)
 
         distilled, dreport = distill(model, pruned, progress=True, on_checkpoint=checkpoint,
-                                     distill=DistillSettings(seconds=60 * minutes, provider=provider), **options)
+                                     distill=DistillSettings(seconds=60 * minutes, provider=provider,
+                                                              **VARIANTS.get(name, {})), **options)
     distilled_scores = scorer.final(distilled.SerializeToString())
     side = SIDES[dataset]
     forward = _forward_throughput(distilled, dreport.batch, (1, 3, side, side), dreport.provider)
