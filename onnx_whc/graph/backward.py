@@ -845,10 +845,11 @@ def _conv_weight_grad(b, x: str, g: str, in_shape, out_shape, kernel, strides, d
     offsets, positions = int(np.prod(kernel)), int(np.prod(out_shape[2:]))
     filters, spatial = out_shape[1], len(kernel)
     per_group, filters_per_group = channels // group, filters // group
-    if offsets * channels * batch * positions > IM2COL_VALUES or (per_group == 1 and offsets > 9):
-        return _conv_weight_grad_as_conv(b, x, g, in_shape, out_shape, kernel, strides, dilations, begin, group)
+    # the padding past the input that the last window reaches, at least none
     end = [max(0, (out - 1) * s + (k - 1) * d + 1 - size - p)
            for size, out, k, s, d, p in zip(in_shape[2:], out_shape[2:], kernel, strides, dilations, begin)]
+    if offsets * channels * batch * positions > IM2COL_VALUES or (per_group == 1 and offsets > 9):
+        return _conv_weight_grad_as_conv(b, x, g, in_shape, out_shape, kernel, strides, dilations, begin, end, group)
     if offsets == 1 and list(in_shape[2:]) == list(out_shape[2:]) and not any(begin):
         windows = x  # a pointwise kernel at stride 1 reads the input as it is
     else:
@@ -869,7 +870,7 @@ def _conv_weight_grad(b, x: str, g: str, in_shape, out_shape, kernel, strides, d
     return b.reshape(product, [filters, per_group, *kernel])
 
 
-def _conv_weight_grad_as_conv(b, x: str, g: str, in_shape, out_shape, kernel, strides, dilations, begin,
+def _conv_weight_grad_as_conv(b, x: str, g: str, in_shape, out_shape, kernel, strides, dilations, begin, end,
                               group: int) -> str:
     """dW of a Conv, itself a Conv: the input's batch becomes channels, dY's batch the kernel's channels.
 
@@ -888,8 +889,6 @@ def _conv_weight_grad_as_conv(b, x: str, g: str, in_shape, out_shape, kernel, st
         moved = b.reshape(moved, [channels // group, group * batch, *in_shape[2:]])
         kernels = b.transpose(b.reshape(g, [batch, group, filters // group, *out_shape[2:]]), [1, 2, 0, *rest])
         kernels = b.reshape(kernels, [filters, batch, *out_shape[2:]])
-    end = [max(0, (out - 1) * s + (k - 1) * d + 1 - size - p)
-           for size, out, k, s, d, p in zip(in_shape[2:], out_shape[2:], kernel, strides, dilations, begin)]
     grad = b.add("Conv", [moved, kernels], "dweight", kernel_shape=list(out_shape[2:]), strides=list(dilations),
                  dilations=list(strides), pads=list(begin) + end, group=group)
     reach = [(size + p + q - (out - 1) * s - 1) // d + 1

@@ -246,6 +246,18 @@ class QualityProbe:
         self._last = candidate, quality
         return quality
 
+    def divergence(self, outputs: dict[str, np.ndarray]) -> float | None:
+        """`divergence` of a candidate's `outputs` on these inputs from the original's."""
+        return divergence([self.reference[n] for n in self.names], [outputs[n] for n in self.names],
+                          [self.kinds[n] for n in self.names])
+
+    @property
+    def divergence_name(self) -> str:
+        """What `divergence` is for these outputs, e.g. "KL divergence"."""
+        found = {kind.kind for kind in self.kinds.values()}
+        return " and ".join(name for kind, name in (("classifier", "KL divergence"), ("dense", "1 - R²"))
+                            if kind in found)
+
 
 def divergence(reference: list[np.ndarray], candidate: list[np.ndarray], kinds: list[OutputKind]) -> float | None:
     """How far `candidate` answers from `reference`, finely: the mean over outputs of a classifier's

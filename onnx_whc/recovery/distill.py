@@ -34,7 +34,7 @@ from ..errors import UserInputError
 from ..graph.backward import NoGradient, backpropagate, static_shapes, with_batch
 from ..graph.constants import attribute
 from ..graph.runtime import best_providers, session
-from ..measure.quality import OutputKind, Quality, QualityProbe, divergence
+from ..measure.quality import OutputKind, Quality, QualityProbe
 from ..progress import Meter
 
 PARAMETERS = ("all", "affine")
@@ -574,11 +574,8 @@ class Distiller:
         outputs = self.probe.outputs(model)
         quality = self.probe.measure(model, outputs)
         score, measure = _score(quality)
-        names = self.probe.names
-        fit = divergence([self.probe.reference[n] for n in names], [outputs[n] for n in names],
-                         [self.probe.kinds[n] for n in names])
-        self.report.measure = measure
-        self.report.divergence = _divergence_name(self.probe.kinds.values())
+        fit = self.probe.divergence(outputs)
+        self.report.measure, self.report.divergence = measure, self.probe.divergence_name
         self.report.curve.append({"step": step, "seconds": round(seconds, 2),
                                   "loss": None if loss is None else round(loss, 6),
                                   "held_out": None if score is None else round(score, 6),
@@ -589,12 +586,6 @@ class Distiller:
             if self.timer is not None:
                 self.timer.start += time.perf_counter() - begin
         return score, fit
-
-
-def _divergence_name(kinds) -> str:
-    found = {k.kind for k in kinds}
-    names = [name for kind, name in (("classifier", "KL divergence"), ("dense", "1 - R²")) if kind in found]
-    return " and ".join(names)
 
 
 def _score(quality: Quality) -> tuple[float | None, str]:
