@@ -20,7 +20,7 @@ from .graph.storage import save
 from .measure.metrics import model_cost
 from .measure.quality import SYNTHETIC_CAVEAT
 from .measure.validate import validate as validate_models
-from .pipeline import Pipeline, calibration_for, quality_probe
+from .pipeline import Pipeline, calibration_for, quality_probe, synthetic_beside
 from .plan.allocate import Allocation
 from .plan.search import QualityFloor, SearchResult, search_budget
 from .plan.speed_target import SpeedSearch, SpeedTarget
@@ -134,8 +134,11 @@ def prune(model, ratio: float | None = None, *, settings: Settings | None = None
     report = _report(run, choice, groups, round_to, after, recovery_report)
     if s.distill is not None and choice.plan.removed_channels:
         with clock("distilled"):
+            synthetic = synthetic_beside(run.calibration, run.loaded.input_shapes, run.input_types, s, run.original,
+                                         run.before.macs)
             pruned, distilled = distill_model(run.original, pruned, run.calibration, run.probe,
-                                              run.loaded.input_shapes, s.distill, s.preprocess, s.progress)
+                                              run.loaded.input_shapes, s.distill, s.preprocess, s.progress,
+                                              synthetic=synthetic)
         report.distill = distilled.to_dict()
         report.distill_summary = distilled.summary()
     if choice.speed is not None:
@@ -305,8 +308,9 @@ def distill(original, pruned, *, settings: Settings | None = None, on_checkpoint
         raise UserInputError(f"distillation needs calibration data: give --calib DIR ({no_data})")
     probe = quality_probe(teacher, calibration, no_data, loaded.input_shapes, types,
                           samples_per_run(teacher, loaded.shapes), s.seed)
+    synthetic = synthetic_beside(calibration, loaded.input_shapes, types, s, teacher, macs)
     return distill_model(teacher, student, calibration, probe, loaded.input_shapes, s.distill, s.preprocess,
-                         s.progress, on_checkpoint)
+                         s.progress, on_checkpoint, synthetic)
 
 
 class Labelled:

@@ -101,6 +101,9 @@ _DISTILL_OPTIONS = [
                  help="Augmented views per step.  [default: 64 for 32x32 inputs, 16 at 224x224, 8 at 320x320]"),
     click.option("--distill-parameters", type=click.Choice(PARAMETERS), default="all", show_default=True,
                  help="all: every kept weight and bias; affine: one scale per filter and the biases."),
+    click.option("--distill-synthetic", is_flag=True,
+                 help="Also train on the built-in synthetic images (refined by inverting the model where it can "
+                      "be), beside the --calib images."),
 ]
 
 
@@ -110,7 +113,7 @@ def _distill_options(command):
     return command
 
 
-def _distill_settings(duration, steps, batch, parameters, seed, provider) -> DistillSettings | None:
+def _distill_settings(duration, steps, batch, parameters, synthetic, seed, provider) -> DistillSettings | None:
     if duration is None and steps is None:
         return None
     try:
@@ -119,8 +122,8 @@ def _distill_settings(duration, steps, batch, parameters, seed, provider) -> Dis
         raise UserInputError(f"--distill/--time: {err}") from None
     if seconds is not None and seconds <= 0:
         raise UserInputError("--distill/--time must be a positive duration, e.g. 15m")
-    return DistillSettings(seconds=seconds, steps=steps, batch=batch, parameters=parameters, seed=seed,
-                           provider=provider)
+    return DistillSettings(seconds=seconds, steps=steps, batch=batch, parameters=parameters, synthetic=synthetic,
+                           seed=seed, provider=provider)
 
 
 def _calibration_options(command):
@@ -208,8 +211,8 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @_calibration_options
 def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, target_latency, batch, threads, output,
           criterion, exclude, round_to, report_path, no_validate, seed, provider, distill, distill_steps, distill_batch,
-          distill_parameters, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
-          layout, eval_set, recover, allocate, recover_samples, memory):
+          distill_parameters, distill_synthetic, input_shape, calib, calib_size, calib_preset, mean, std, synthetic,
+          resize, crop, layout, eval_set, recover, allocate, recover_samples, memory):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
@@ -223,7 +226,8 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
                          crop, layout, eval_set, recover, allocate, recover_samples, memory, criterion, exclude,
                          round_to).but(
         ratio=ratio, target_macs=target_macs, validate=not no_validate, floor=QualityFloor(min_agreement, min_r2),
-        distill=_distill_settings(distill, distill_steps, distill_batch, distill_parameters, seed, provider),
+        distill=_distill_settings(distill, distill_steps, distill_batch, distill_parameters, distill_synthetic, seed,
+                                   provider),
         speed=None if target_speedup is None and target_latency is None else
         SpeedTarget(target_speedup, target_latency, batch, threads))
     pruned, report = prune_model(model, settings=settings)
@@ -358,8 +362,8 @@ def _write_curve(report_path: str, distilled: dict) -> None:
 @_input_shape
 @_calibration_options
 def distill(original, pruned, duration, output, report_path, seed, provider, distill_steps, distill_batch,
-            distill_parameters, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize, crop,
-            layout, eval_set, recover, allocate, recover_samples, memory):
+            distill_parameters, distill_synthetic, input_shape, calib, calib_size, calib_preset, mean, std,
+            synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples, memory):
     """Heal a model pruned earlier: train PRUNED towards ORIGINAL on augmented views of --calib images.
 
     PRUNED keeps its graph; only its weights change. Any model with ORIGINAL's inputs and outputs will do.
@@ -369,7 +373,8 @@ def distill(original, pruned, duration, output, report_path, seed, provider, dis
     for option, path in (("-o", output), ("--report", report_path)):
         if path:
             check_writable(option, path)
-    settings = _distill_settings(duration, distill_steps, distill_batch, distill_parameters, seed, provider)
+    settings = _distill_settings(duration, distill_steps, distill_batch, distill_parameters, distill_synthetic, seed,
+                                 provider)
     if settings is None:
         raise UserInputError("give --time (e.g. 15m) or --distill-steps")
     options = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,

@@ -197,6 +197,20 @@ def calibration_for(input_shapes, types, s: Settings, wanted: bool, original: on
                                  progress=progress)
 
 
+def synthetic_beside(calibration, input_shapes, types, s: Settings, original: onnx.ModelProto,
+                     macs: int) -> np.ndarray | None:
+    """The built-in synthetic images distillation trains on beside the user's (`DistillSettings.synthetic`):
+    their fitting samples, refined by inverting `original` where it can be; None when not asked for,
+    or when the calibration is already synthetic."""
+    if s.distill is None or not s.distill.synthetic or calibration is None or calibration.synthetic:
+        return None
+    synthetic, why = synthetic_calibration(input_shapes, types, s.preprocess, s.seed, model=original, macs=macs,
+                                           progress=progress_bar(s.progress, "refining synthetic images"))
+    if synthetic is None:
+        raise UserInputError(f"--distill-synthetic: no synthetic images for this model ({why})")
+    return np.asarray(next(iter(synthetic.fit.values())), np.float32)
+
+
 def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int):
     """The per-class importance of consumer- and data-aware criteria (None: `select` scores filters)."""
     if criterion in CONSUMER_AWARE:

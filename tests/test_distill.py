@@ -253,6 +253,9 @@ def test_affine_training_scales_whole_filters_and_moves_biases():
     assert scaled >= 3
     biases = [n for n, a in axes.items() if a is None and before[n].ndim == 1]
     assert any(not np.array_equal(before[n], after[n]) for n in biases)
+    # the values trained: one scale per filter, every value of a vector
+    moved = sum(before[n].shape[a] if a is not None else before[n].size for n, a in axes.items())
+    assert distiller.report.trained_values == moved < sum(before[n].size for n in axes)
 
 
 def test_an_op_without_a_rule_moves_the_loss_to_what_it_reads():
@@ -285,6 +288,40 @@ def test_views_from_files_and_arrays_have_the_input_shape(tmp_path):
     views = Views("x", (1, 3, 10, 10), arrays=arrays, augment=Augment(scale=(1.0, 1.0), ratio=(1, 1), flip=False,
                                                                        mix="none"))
     np.testing.assert_allclose(np.sort(views.batch(4).ravel()), np.sort(arrays.ravel()), rtol=1e-6, atol=1e-6)
+
+
+def test_views_draw_files_and_arrays_as_one_pool(tmp_path):
+    """Synthetic arrays beside image files: each of the pool once per pass, the arrays as they are."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(paths[-1])
+    arrays = rng.standard_normal((2, 3, 10, 10)).astype(np.float32) + 100  # far from any image's values
+    whole = Augment(scale=(1.0, 1.0), ratio=(1, 1), flip=False, mix="none")
+    views = Views("x", (1, 3, 10, 10), Preprocess(mean=(0, 0, 0), std=(1, 1, 1)), paths=paths, arrays=arrays,
+                  augment=whole)
+    assert views.count == 5
+    batch = views.batch(5)
+    synthetic = batch[batch.mean((1, 2, 3)) > 50]
+    np.testing.assert_allclose(np.sort(synthetic.ravel()), np.sort(arrays.ravel()), rtol=1e-6)
+    files = batch[batch.mean((1, 2, 3)) < 50]
+    np.testing.assert_allclose(np.sort(files[:, 0, 0, 0]), [0, 40 / 255, 80 / 255], rtol=1e-6)
+
+
+def test_distillation_trains_on_synthetic_images_beside_the_calibration(tmp_path):
+    model = _classifier(0, softmax=False, side=16)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    _, report = prune(model, ratio=0.5, round_to=1, calib=str(calib), validate=False,
+                      distill=DistillSettings(steps=3, batch=8, synthetic=True))
+    fit = 40 - 40 // 5
+    assert f"views of {fit} calibration samples and 256 built-in synthetic images" in report.summary()
+    _, plain = prune(model, ratio=0.5, round_to=1, calib=str(calib), validate=False,
+                     distill=DistillSettings(steps=3, batch=8))
+    assert f"views of {fit} calibration samples, " in plain.summary()
 
 
 def test_prune_with_distillation_reports_it(tmp_path):
@@ -323,6 +360,9 @@ def test_cli_prune_and_distill(tmp_path):
     assert [n.name for n in before.graph.node] == [n.name for n in after.graph.node]
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "-o", str(healed)])
     assert result.exit_code == 2 and "give --time" in result.output
+    result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
+                                  "--distill-synthetic", "-o", str(healed)])  # 12 px: too small for the synthetic images
+    assert result.exit_code == 2 and "--distill-synthetic: no synthetic images for this model" in result.output
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--time", "soon", "-o",
                                   str(healed)])
     assert result.exit_code == 2 and "not a duration" in result.output

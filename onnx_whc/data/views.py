@@ -34,19 +34,19 @@ class Augment:
 class Views:
     """Batches of augmented views for one image input named `name` of static `shape` (batch axis first).
 
-    `paths`: image files, read with `preprocess` (its mean, std, layout and letterbox); or `arrays`:
-    samples already in the model's input form (N × shape[1:]).
+    `paths`: image files, read with `preprocess` (its mean, std, layout and letterbox); `arrays`:
+    samples already in the model's input form (N × shape[1:]); or both, drawn from as one pool.
     """
 
     def __init__(self, name: str, shape: tuple[int, ...], preprocess: Preprocess | None = None,
                  paths: list[Path] | None = None, arrays: np.ndarray | None = None,
                  augment: Augment = Augment(), seed: int = 0):
-        if (paths is None) == (arrays is None):
-            raise ValueError("give either paths or arrays")
+        if paths is None and arrays is None:
+            raise ValueError("give paths, arrays or both")
         self.name, self.shape, self.augment = name, tuple(shape), augment
         self.preprocess = preprocess or Preprocess()
-        self.paths, self.arrays = paths, arrays
-        self.count = len(paths) if paths is not None else len(arrays)
+        self.paths, self.arrays = list(paths or []), arrays if arrays is not None else np.zeros((0, *shape[1:]))
+        self.count = len(self.paths) + len(self.arrays)
         self.channels_last = self.preprocess.layout == "NHWC"
         self.size_hw = tuple(self.shape[1:3] if self.channels_last else self.shape[2:4])
         self.rng = np.random.default_rng([seed, 0xD157])
@@ -57,7 +57,12 @@ class Views:
         while len(self._order) < size:
             self._order = np.concatenate([self._order, self.rng.permutation(self.count)])
         picked, self._order = self._order[:size], self._order[size:]
-        views = self._from_files(picked) if self.paths is not None else self._from_arrays(picked)
+        files = picked < len(self.paths)
+        views = np.empty((size, *self.shape[1:]), np.float32)
+        if files.any():
+            views[files] = self._from_files(picked[files])
+        if not files.all():
+            views[~files] = self._from_arrays(picked[~files] - len(self.paths))
         return self._mixed(views)
 
     def _from_files(self, picked: np.ndarray) -> np.ndarray:

@@ -69,6 +69,9 @@ class DistillSettings:
     # at 0.665 of the MACs, 400 steps: 1.0 gave 79.1% top-1, 0 79.45% (least squares alone 78.8%).
     trunks: float = 0.0
     augment: Augment = Augment()
+    # Also train on the built-in synthetic images (refined by inverting the original where it can
+    # be), beside the calibration data: views of classes the user's images may lack.
+    synthetic: bool = False
     warmup: float = 0.03  # share of the budget over which the step rises to lr
     seed: int = 0
     provider: str | None = None
@@ -90,7 +93,7 @@ class DistillReport:
     batch: int = 0
     parameters: str = "all"
     trained_tensors: int = 0
-    trained_values: int = 0
+    trained_values: int = 0  # the values the optimiser moves: one per filter for affine weights
     measure: str = ""  # what the held-out figure is, e.g. "top-1 agreement"
     before: float | None = None
     after: float | None = None
@@ -103,7 +106,7 @@ class DistillReport:
     trunks: int = 0  # residual trunks the loss also reads
     note: str = ""  # why the loss moved off an output, or why nothing was kept
     images_per_second: float = 0.0
-    data: str = "samples"  # what the views were made from
+    data: str = ""  # what the views were made from, e.g. "800 calibration images"
 
     def summary(self) -> str:
         moved = (f"held-out {self.measure} {self.before:.3f} -> {self.after:.3f}" if self.before is not None
@@ -111,7 +114,7 @@ class DistillReport:
         if self.divergence_before is not None:
             moved += f", {self.divergence} {self.divergence_before:.4f} -> {self.divergence_after:.4f}"
         kept = "" if self.best_step or self.before is None else "; no checkpoint beat the start: the start is returned"
-        line = (f"{self.steps:,} steps, {self.views:,} augmented views of {self.images:,} {self.data}, "
+        line = (f"{self.steps:,} steps, {self.views:,} augmented views of {self.data}, "
                 f"{_duration(self.seconds)} on {self.provider} ({self.images_per_second:.1f} views/s); {moved}{kept}")
         return line + (f" ({self.note})" if self.note else "")
 
@@ -158,11 +161,12 @@ def default_batch(shape: tuple[int, ...]) -> int:
 def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Calibration | None,
             probe: QualityProbe, input_shapes: dict[str, tuple[int, ...]], settings: DistillSettings,
             preprocess: Preprocess | None = None, progress: bool = False,
-            on_checkpoint=None) -> tuple[onnx.ModelProto, DistillReport]:
+            on_checkpoint=None, synthetic: np.ndarray | None = None) -> tuple[onnx.ModelProto, DistillReport]:
     """`student` trained towards `original` on augmented views of the calibration's fitting samples.
 
     Image files are read again for every view (`calibration.fit_paths`); other samples are cropped
-    and mixed as arrays. The probe's held-out samples choose the checkpoint returned.
+    and mixed as arrays. `synthetic` samples (the built-in images, `DistillSettings.synthetic`), if
+    given, join the pool. The probe's held-out samples choose the checkpoint returned.
     `on_checkpoint(point, model)`, if given, sees every evaluated checkpoint (its time is not
     counted against the budget): benchmarks measure accuracy along the way with it.
     """
@@ -177,13 +181,15 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
     if settings.parameters not in PARAMETERS:
         raise UserInputError(f"--distill-parameters must be one of {', '.join(PARAMETERS)}")
     if calibration.fit_paths is not None:
-        views = Views(name, shape, preprocess, paths=list(calibration.fit_paths), augment=settings.augment,
-                      seed=settings.seed)
-        data = "calibration images"
+        paths, arrays = list(calibration.fit_paths), None
+        data = f"{len(paths):,} calibration images"
     else:
-        views = Views(name, shape, preprocess, arrays=calibration.fit[name], augment=settings.augment,
-                      seed=settings.seed)
-        data = "synthetic images" if calibration.synthetic else "calibration samples"
+        paths, arrays = None, np.asarray(calibration.fit[name], np.float32)
+        data = f"{len(arrays):,} " + ("synthetic images" if calibration.synthetic else "calibration samples")
+    if synthetic is not None and len(synthetic):
+        arrays = synthetic if arrays is None else np.concatenate([arrays, synthetic])
+        data += f" and {len(synthetic):,} built-in synthetic images"
+    views = Views(name, shape, preprocess, paths=paths, arrays=arrays, augment=settings.augment, seed=settings.seed)
     meter = Meter(progress, f"distilling ({settings.budget})")
     distiller = Distiller(original, student, views, probe, settings, progress=meter, on_checkpoint=on_checkpoint)
     distiller.report.data = data
@@ -316,7 +322,8 @@ class Distiller:
         self.providers = best_providers(settings.provider)
         self.batch = settings.batch or default_batch(views.shape)
         self.input = views.name
-        self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters)
+        self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters,
+                                    data=f"{views.count:,} samples")
         self.best_score: float | None = None
         self.best_fit: float | None = None  # the held-out divergence of the best checkpoint
         self.best_values: dict[str, np.ndarray] = {}
@@ -376,7 +383,7 @@ class Distiller:
         self._set_weights(targets, teacher_session)
         params = self._parameters(wanted, grads)
         self.report.trained_tensors = len(params)
-        self.report.trained_values = int(sum(p.value.size for p in params))
+        self.report.trained_values = int(sum(p.first.size for p in params))  # affine: the filters' scales
         self.report.loss_on = [t.tensor for t in targets if not t.trunk]
         self.report.trunks = sum(t.trunk for t in targets)
         self.report.images = self.views.count
