@@ -40,13 +40,11 @@ CELLS = {
     "resnet56-0.45-4000": ("resnet56_cifar10.onnx", "cifar10", 0.45, 20, "eval4000", "cifar"),
     "resnet56-synthetic": ("resnet56_cifar10.onnx", "cifar10", None, 20, None, "cifar"),
     "efficientnet_lite0-0.78": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
-    "efficientnet_lite0-0.78-lr3e-4": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
     "yolov8n-0.7": ("yolov8n_nudenet.onnx", "yolo", 0.7, 60, "calib", "yolo"),
 }
 VARIANTS = {  # cell -> DistillSettings fields other than the default
     "resnet56-0.549-affine": {"parameters": "affine"},
     "resnet56-0.549-synthetic-too": {"synthetic": True},  # the built-in synthetic images beside the calib images
-    "efficientnet_lite0-0.78-lr3e-4": {"lr": 3e-4},
 }
 FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample", "yolo": "imagenet-sample"}
 SIDES = {"cifar10": 32, "imagenet": 224, "yolo": 320}
@@ -191,15 +189,24 @@ def _scores(value) -> str:
     return f"{value['kept']:.0%} kept, {value['extra_share']:.0%} extra, R² {value['class_r2_mean']:.3f}"
 
 
+PANELS = (  # (what the panel compares, its y label, which cells)
+    ("ResNet-56 at 0.549: variants", "top-1 (2,000 eval images)", lambda n: n.startswith("resnet56-0.549")),
+    ("ResNet-56: 1,000 or 4,000 images, or none", "top-1 (eval subset)", lambda n: n.startswith("resnet56-0.45")
+     or n == "resnet56-synthetic"),
+    ("EfficientNet-Lite0", "top-1 (500 eval images)", lambda n: n.startswith("efficientnet")),
+    ("YOLOv8n", "detections kept (150 eval images)", lambda n: n.startswith("yolo")),
+)
+
+
 def _plot(cells: dict) -> None:
     from onnx_whc.reports.plot import line_charts
 
     panels = []
-    for what, test in (("top-1 (eval subset)", lambda c: "top1" in c["distilled"]),
-                       ("detections kept", lambda c: "kept" in c["distilled"])):
-        series = {name: [(p["seconds"] / 60, p["eval"]) for p in c["curve"]] for name, c in cells.items() if test(c)}
+    for title, what, chosen in PANELS:
+        series = {name: [(p["seconds"] / 60, p["eval"]) for p in c["curve"]] for name, c in cells.items()
+                  if chosen(name)}
         if series:
-            panels.append({"x": "minutes of distillation", "y": what, "series": series})
+            panels.append({"x": f"minutes of distillation ({title})", "y": what, "series": series})
     line_charts(panels, str(RESULTS / "distill.png"), "against minutes of distillation")
 
 

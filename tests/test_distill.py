@@ -14,7 +14,8 @@ from onnx import numpy_helper
 from onnx_whc.api import distill, prune
 from onnx_whc.cli import main
 from onnx_whc.data.calibration import Calibration, Preprocess
-from onnx_whc.data.views import Augment, Views
+from onnx_whc.data.samples import Samples
+from onnx_whc.data.views import Augment, Joined, Views
 from onnx_whc.measure.quality import OutputKind, QualityProbe, divergence
 from onnx_whc.recovery.distill import (
     Distiller,
@@ -309,6 +310,8 @@ def test_views_draw_files_and_arrays_as_one_pool(tmp_path):
     np.testing.assert_allclose(np.sort(synthetic.ravel()), np.sort(arrays.ravel()), rtol=1e-6)
     files = batch[batch.mean((1, 2, 3)) < 50]
     np.testing.assert_allclose(np.sort(files[:, 0, 0, 0]), [0, 40 / 255, 80 / 255], rtol=1e-6)
+    joined = Views("x", (1, 3, 10, 10), arrays=Joined(Samples.of(arrays[:1]), arrays[1:]), augment=whole)
+    np.testing.assert_allclose(np.sort(joined.batch(2).ravel()), np.sort(arrays.ravel()), rtol=1e-6)
 
 
 def test_distillation_trains_on_synthetic_images_beside_the_calibration(tmp_path):

@@ -436,20 +436,20 @@ def normalize(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
 def _resize(img: Image.Image, preprocess: Preprocess, size_hw: tuple[int, int] | None) -> Image.Image:
     """Decode `img` as RGB at the size `preprocess` (or `size_hw`) asks for."""
     if preprocess.letterbox is not None and size_hw is not None:
-        return _letterboxed(_rgb(img), size_hw, preprocess.letterbox)
+        return letterboxed(as_rgb(img), size_hw, preprocess.letterbox)
     if preprocess.resize is not None:
         target = _short_side_size(img.size, preprocess.resize)
     elif preprocess.crop is None and size_hw is not None and img.size != size_hw[::-1]:
         target = size_hw[::-1]
     else:
-        return _rgb(img)
+        return as_rgb(img)
     # JPEG can decode at 1/2, 1/4 or 1/8 scale almost for free; keeping at least twice the
     # target size leaves the bilinear filter to do the real work, so results barely change.
     img.draft("RGB", (2 * target[0], 2 * target[1]))
-    return _rgb(img).resize(target, Image.BILINEAR)
+    return as_rgb(img).resize(target, Image.BILINEAR)
 
 
-def _letterboxed(img: Image.Image, size_hw: tuple[int, int], pad: int) -> Image.Image:
+def letterboxed(img: Image.Image, size_hw: tuple[int, int], pad: int) -> Image.Image:
     """`img` scaled to fit `size_hw` (bilinear, aspect kept) and centred on a `pad`-grey canvas."""
     h, w = size_hw
     scale = min(w / img.width, h / img.height)
@@ -459,7 +459,7 @@ def _letterboxed(img: Image.Image, size_hw: tuple[int, int], pad: int) -> Image.
     return canvas
 
 
-def _rgb(img: Image.Image) -> Image.Image:
+def as_rgb(img: Image.Image) -> Image.Image:
     """`img` decoded as RGB; skips convert's full copy when it already is."""
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")

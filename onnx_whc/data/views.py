@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .calibration import Preprocess, _letterboxed, _rgb, normalize
+from .calibration import Preprocess, as_rgb, letterboxed, normalize
 
 MIXES = ("mixup", "cutmix", "none")
 
@@ -72,14 +72,14 @@ class Views:
     def _file_view(self, path: Path) -> np.ndarray:
         """One random crop of the image file, mirrored at random, at the model's input size (uint8 H×W×3)."""
         with Image.open(path) as img:
-            img = _rgb(img)
+            img = as_rgb(img)
             left, top, width, height = self._box(img.width, img.height)
             img = img.crop((left, top, left + width, top + height))
         if self.augment.flip and self.rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         h, w = self.size_hw
         if self.preprocess.letterbox is not None:
-            img = _letterboxed(img, (h, w), self.preprocess.letterbox)
+            img = letterboxed(img, (h, w), self.preprocess.letterbox)
         else:
             img = img.resize((w, h), Image.BILINEAR)
         return np.asarray(img)
@@ -130,6 +130,19 @@ class Views:
             box[axes[0]], box[axes[1]] = slice(top, top + bh), slice(left, left + bw)
             views[tuple(box)] = partner[tuple(box)]
         return views
+
+
+class Joined:
+    """Two sets of samples read as one, neither copied: a memory-mapped calibration stays on disk."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
 
 
 def _bilinear(sample: np.ndarray, rows: np.ndarray, cols: np.ndarray, row_axis: int, col_axis: int) -> np.ndarray:

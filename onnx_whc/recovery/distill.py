@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..data.calibration import Calibration, Preprocess
-from ..data.views import Augment, Views
+from ..data.views import Augment, Joined, Views
 from ..errors import UserInputError
 from ..graph.backward import NoGradient, backpropagate, static_shapes, with_batch
 from ..graph.constants import attribute
@@ -184,10 +184,10 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
         paths, arrays = list(calibration.fit_paths), None
         data = f"{len(paths):,} calibration images"
     else:
-        paths, arrays = None, np.asarray(calibration.fit[name], np.float32)
+        paths, arrays = None, calibration.fit[name]  # read a sample at a time
         data = f"{len(arrays):,} " + ("synthetic images" if calibration.synthetic else "calibration samples")
     if synthetic is not None and len(synthetic):
-        arrays = synthetic if arrays is None else np.concatenate([arrays, synthetic])
+        arrays = synthetic if arrays is None else Joined(arrays, synthetic)
         data += f" and {len(synthetic):,} built-in synthetic images"
     views = Views(name, shape, preprocess, paths=paths, arrays=arrays, augment=settings.augment, seed=settings.seed)
     meter = Meter(progress, f"distilling ({settings.budget})")
