@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .data.calibration import make_calibration, synthetic_calibration
+from .data.samples import Samples
 from .errors import UserInputError
 from .graph.dependency import analyze_channels
 from .graph.equivalence import export, release_weights
@@ -198,7 +199,7 @@ def calibration_for(input_shapes, types, s: Settings, wanted: bool, original: on
 
 
 def synthetic_beside(calibration, input_shapes, types, s: Settings, original: onnx.ModelProto,
-                     macs: int) -> np.ndarray | None:
+                     macs: int) -> Samples | None:
     """The built-in synthetic images distillation trains on beside the user's (`DistillSettings.synthetic`):
     their fitting samples, refined by inverting `original` where it can be; None when not asked for,
     or when the calibration is already synthetic."""
@@ -208,7 +209,7 @@ def synthetic_beside(calibration, input_shapes, types, s: Settings, original: on
                                            progress=progress_bar(s.progress, "refining synthetic images"))
     if synthetic is None:
         raise UserInputError(f"--distill-synthetic: no synthetic images for this model ({why})")
-    return np.asarray(next(iter(synthetic.fit.values())), np.float32)
+    return next(iter(synthetic.fit.values()))
 
 
 def _importance(criterion: str, analysis, loaded: LoadedModel, stats, seed: int):

@@ -45,7 +45,7 @@ class Views:
             raise ValueError("give paths, arrays or both")
         self.name, self.shape, self.augment = name, tuple(shape), augment
         self.preprocess = preprocess or Preprocess()
-        self.paths, self.arrays = list(paths or []), arrays if arrays is not None else np.zeros((0, *shape[1:]))
+        self.paths, self.arrays = list(paths or []), arrays if arrays is not None else []
         self.count = len(self.paths) + len(self.arrays)
         self.channels_last = self.preprocess.layout == "NHWC"
         self.size_hw = tuple(self.shape[1:3] if self.channels_last else self.shape[2:4])

@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..data.calibration import Calibration, Preprocess
+from ..data.samples import Samples
 from ..data.views import Augment, Joined, Views
 from ..errors import UserInputError
 from ..graph.backward import NoGradient, backpropagate, static_shapes, with_batch
@@ -161,7 +162,7 @@ def default_batch(shape: tuple[int, ...]) -> int:
 def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Calibration | None,
             probe: QualityProbe, input_shapes: dict[str, tuple[int, ...]], settings: DistillSettings,
             preprocess: Preprocess | None = None, progress: bool = False,
-            on_checkpoint=None, synthetic: np.ndarray | None = None) -> tuple[onnx.ModelProto, DistillReport]:
+            on_checkpoint=None, synthetic: Samples | None = None) -> tuple[onnx.ModelProto, DistillReport]:
     """`student` trained towards `original` on augmented views of the calibration's fitting samples.
 
     Image files are read again for every view (`calibration.fit_paths`); other samples are cropped
