@@ -104,6 +104,9 @@ _DISTILL_OPTIONS = [
     click.option("--distill-synthetic", is_flag=True,
                  help="Also train on the built-in synthetic images (refined by inverting the model where it can "
                       "be), beside the --calib images."),
+    click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=DistillSettings.lr,
+                 show_default=True, metavar="LR",
+                 help="Adam's peak step, as a share of the RMS of each filter's original weights."),
 ]
 
 
@@ -113,8 +116,10 @@ def _distill_options(command):
     return command
 
 
-def _distill_settings(duration, steps, batch, parameters, synthetic, seed, provider) -> DistillSettings | None:
-    if duration is None and steps is None:
+def _distill_settings(duration, seed, provider, distill_steps, distill_batch, distill_parameters, distill_synthetic,
+                      distill_lr) -> DistillSettings | None:
+    """The settings of the --distill-* options (passed on by name), or None when no budget is given."""
+    if duration is None and distill_steps is None:
         return None
     try:
         seconds = parse_duration(duration) if duration is not None else None
@@ -122,8 +127,8 @@ def _distill_settings(duration, steps, batch, parameters, synthetic, seed, provi
         raise UserInputError(f"--distill/--time: {err}") from None
     if seconds is not None and seconds <= 0:
         raise UserInputError("--distill/--time must be a positive duration, e.g. 15m")
-    return DistillSettings(seconds=seconds, steps=steps, batch=batch, parameters=parameters, synthetic=synthetic,
-                           seed=seed, provider=provider)
+    return DistillSettings(seconds=seconds, steps=distill_steps, batch=distill_batch, parameters=distill_parameters,
+                           synthetic=distill_synthetic, lr=distill_lr, seed=seed, provider=provider)
 
 
 def _calibration_options(command):
@@ -210,9 +215,9 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
 @_input_shape
 @_calibration_options
 def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, target_latency, batch, threads, output,
-          criterion, exclude, round_to, report_path, no_validate, seed, provider, distill, distill_steps, distill_batch,
-          distill_parameters, distill_synthetic, input_shape, calib, calib_size, calib_preset, mean, std, synthetic,
-          resize, crop, layout, eval_set, recover, allocate, recover_samples, memory):
+          criterion, exclude, round_to, report_path, no_validate, seed, provider, distill, input_shape, calib,
+          calib_size, calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate,
+          recover_samples, memory, **distill_options):
     """Remove the lowest-scoring filters of every prunable channel group."""
     if output and same_file(model, output):
         raise UserInputError("-o is the input file: choose another path (the input is never overwritten)")
@@ -226,8 +231,7 @@ def prune(model, ratio, target_macs, min_agreement, min_r2, target_speedup, targ
                          crop, layout, eval_set, recover, allocate, recover_samples, memory, criterion, exclude,
                          round_to).but(
         ratio=ratio, target_macs=target_macs, validate=not no_validate, floor=QualityFloor(min_agreement, min_r2),
-        distill=_distill_settings(distill, distill_steps, distill_batch, distill_parameters, distill_synthetic, seed,
-                                   provider),
+        distill=_distill_settings(distill, seed, provider, **distill_options),
         speed=None if target_speedup is None and target_latency is None else
         SpeedTarget(target_speedup, target_latency, batch, threads))
     pruned, report = prune_model(model, settings=settings)
@@ -361,9 +365,9 @@ def _write_curve(report_path: str, distilled: dict) -> None:
 @_distill_options
 @_input_shape
 @_calibration_options
-def distill(original, pruned, duration, output, report_path, seed, provider, distill_steps, distill_batch,
-            distill_parameters, distill_synthetic, input_shape, calib, calib_size, calib_preset, mean, std,
-            synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples, memory):
+def distill(original, pruned, duration, output, report_path, seed, provider, input_shape, calib, calib_size,
+            calib_preset, mean, std, synthetic, resize, crop, layout, eval_set, recover, allocate, recover_samples,
+            memory, **distill_options):
     """Heal a model pruned earlier: train PRUNED towards ORIGINAL on augmented views of --calib images.
 
     PRUNED keeps its graph; only its weights change. Any model with ORIGINAL's inputs and outputs will do.
@@ -373,8 +377,7 @@ def distill(original, pruned, duration, output, report_path, seed, provider, dis
     for option, path in (("-o", output), ("--report", report_path)):
         if path:
             check_writable(option, path)
-    settings = _distill_settings(duration, distill_steps, distill_batch, distill_parameters, distill_synthetic, seed,
-                                 provider)
+    settings = _distill_settings(duration, seed, provider, **distill_options)
     if settings is None:
         raise UserInputError("give --time (e.g. 15m) or --distill-steps")
     options = _settings(seed, provider, input_shape, calib, calib_size, calib_preset, mean, std, synthetic, resize,

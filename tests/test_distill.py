@@ -356,13 +356,18 @@ def test_cli_prune_and_distill(tmp_path):
     assert (tmp_path / "report.distill.png").stat().st_size > 0
     healed = tmp_path / "healed.onnx"
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
-                                  "--distill-batch", "8", "-o", str(healed)])
+                                  "--distill-batch", "8", "--distill-lr", "5e-4", "--report", str(report), "-o",
+                                  str(healed)])
     assert result.exit_code == 0, result.output
     assert "distill: 3 steps, 24 augmented views" in result.output
+    assert json.loads(report.read_text())["lr"] == 5e-4
     before, after = onnx.load(out), onnx.load(healed)
     assert [n.name for n in before.graph.node] == [n.name for n in after.graph.node]
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "-o", str(healed)])
     assert result.exit_code == 2 and "give --time" in result.output
+    result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
+                                  "--distill-lr", "0", "-o", str(healed)])
+    assert result.exit_code == 2 and "--distill-lr" in result.output
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
                                   "--distill-synthetic", "-o", str(healed)])  # 12 px: too small for the synthetic images
     assert result.exit_code == 2 and "--distill-synthetic: no synthetic images for this model" in result.output

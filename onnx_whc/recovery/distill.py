@@ -60,7 +60,8 @@ class DistillSettings:
     batch: int | None = None  # None: by the input's size (`default_batch`)
     # Adam's step, as a share of each filter's RMS. ResNet-20 at 0.665 of the MACs, 150 steps of 64
     # views (least squares alone 78.8%): 5e-4 79.6%, 1e-3 79.9%, 2e-3 79.4%, 5e-3 78.8%, 1e-2 78.45%,
-    # 3e-2 diverges. EfficientNet-Lite0 at 2e-3 fell from 80.2% to 66.4% in its first 39 steps.
+    # 3e-2 diverges. EfficientNet-Lite0 at 2e-3 fell from 80.2% to 66.4% in its first 39 steps; at
+    # 3e-4 for 60 minutes it and the YOLOv8n fell less early on but ended no better than at 1e-3.
     lr: float = 1e-3
     temperature: float = 2.0  # classifiers' softening
     parameters: str = "all"  # all kept weights, or "affine": one scale per filter and the biases
@@ -93,6 +94,7 @@ class DistillReport:
     provider: str = ""
     batch: int = 0
     parameters: str = "all"
+    lr: float = 0.0  # the peak step, as a share of each filter's RMS
     trained_tensors: int = 0
     trained_values: int = 0  # the values the optimiser moves: one per filter for affine weights
     measure: str = ""  # what the held-out figure is, e.g. "top-1 agreement"
@@ -192,8 +194,8 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
         data += f" and {len(synthetic):,} built-in synthetic images"
     views = Views(name, shape, preprocess, paths=paths, arrays=arrays, augment=settings.augment, seed=settings.seed)
     meter = Meter(progress, f"distilling ({settings.budget})")
-    distiller = Distiller(original, student, views, probe, settings, progress=meter, on_checkpoint=on_checkpoint)
-    distiller.report.data = data
+    distiller = Distiller(original, student, views, probe, settings, progress=meter, on_checkpoint=on_checkpoint,
+                          data=data)
     try:
         model = distiller.run()
     except NoGradient as err:
@@ -316,7 +318,7 @@ class Distiller:
     """One student, its teacher and its data, ready to train for a budget."""
 
     def __init__(self, original: onnx.ModelProto, student: onnx.ModelProto, views, probe: QualityProbe,
-                 settings: DistillSettings, progress=None, on_checkpoint=None):
+                 settings: DistillSettings, progress=None, on_checkpoint=None, data: str | None = None):
         self.original, self.student, self.views, self.probe, self.settings = original, student, views, probe, settings
         self.progress, self.on_checkpoint = progress, on_checkpoint
         self.timer: _Budget | None = None
@@ -324,7 +326,7 @@ class Distiller:
         self.batch = settings.batch or default_batch(views.shape)
         self.input = views.name
         self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters,
-                                    data=f"{views.count:,} samples")
+                                    lr=settings.lr, data=data or f"{views.count:,} samples")
         self.best_score: float | None = None
         self.best_fit: float | None = None  # the held-out divergence of the best checkpoint
         self.best_values: dict[str, np.ndarray] = {}
