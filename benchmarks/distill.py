@@ -34,24 +34,20 @@ from .datasets import accuracy, load_split
 # name: (model, data set, MACs budget or None for --ratio 0.4 without --calib, minutes, images, preset)
 CELLS = {
     "resnet56-0.549": ("resnet56_cifar10.onnx", "cifar10", 0.549, 20, "calib", "cifar"),
-    "resnet56-0.549-affine": ("resnet56_cifar10.onnx", "cifar10", 0.549, 20, "calib", "cifar"),
-    "resnet56-0.549-synthetic-too": ("resnet56_cifar10.onnx", "cifar10", 0.549, 20, "calib", "cifar"),
-    "resnet56-0.549-lr3e-4": ("resnet56_cifar10.onnx", "cifar10", 0.549, 20, "calib", "cifar"),
     "resnet56-0.45": ("resnet56_cifar10.onnx", "cifar10", 0.45, 20, "calib", "cifar"),
     "resnet56-0.45-4000": ("resnet56_cifar10.onnx", "cifar10", 0.45, 20, "eval4000", "cifar"),
     "resnet56-synthetic": ("resnet56_cifar10.onnx", "cifar10", None, 20, None, "cifar"),
     "efficientnet_lite0-0.78": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
-    "efficientnet_lite0-0.78-lr3e-4": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
     "yolov8n-0.7": ("yolov8n_nudenet.onnx", "yolo", 0.7, 60, "calib", "yolo"),
-    "yolov8n-0.7-lr3e-4": ("yolov8n_nudenet.onnx", "yolo", 0.7, 60, "calib", "yolo"),
 }
-VARIANTS = {  # cell -> DistillSettings fields other than the default
-    "resnet56-0.549-affine": {"parameters": "affine"},
-    "resnet56-0.549-synthetic-too": {"synthetic": True},  # the built-in synthetic images beside the calib images
+VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the default)
+    "resnet56-0.549-affine": ("resnet56-0.549", {"parameters": "affine"}),
+    # the built-in synthetic images beside the calib images
+    "resnet56-0.549-synthetic-too": ("resnet56-0.549", {"synthetic": True}),
     # a gentler peak step: at 1e-3 the held-out divergence of the last two doubles in the first minutes
-    "resnet56-0.549-lr3e-4": {"lr": 3e-4},
-    "efficientnet_lite0-0.78-lr3e-4": {"lr": 3e-4},
-    "yolov8n-0.7-lr3e-4": {"lr": 3e-4},
+    "resnet56-0.549-lr3e-4": ("resnet56-0.549", {"lr": 3e-4}),
+    "efficientnet_lite0-0.78-lr3e-4": ("efficientnet_lite0-0.78", {"lr": 3e-4}),
+    "yolov8n-0.7-lr3e-4": ("yolov8n-0.7", {"lr": 3e-4}),
 }
 FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample", "yolo": "imagenet-sample"}
 SIDES = {"cifar10": 32, "imagenet": 224, "yolo": 320}
@@ -123,7 +119,8 @@ class Detections:
 
 
 def run_cell(name: str, minutes: float | None, provider: str | None) -> dict:
-    file, dataset, budget, default_minutes, images, preset = CELLS[name]
+    base, fields = VARIANTS.get(name, (name, {}))
+    file, dataset, budget, default_minutes, images, preset = CELLS[base]
     minutes = minutes or default_minutes
     model = SHARED / "models" / file
     preprocess = preset_preprocess(preset)
@@ -148,7 +145,7 @@ def run_cell(name: str, minutes: float | None, provider: str | None) -> dict:
 
         distilled, dreport = distill(model, pruned, progress=True, on_checkpoint=checkpoint,
                                      distill=DistillSettings(seconds=60 * minutes, provider=provider,
-                                                              **VARIANTS.get(name, {})), **options)
+                                                              **fields), **options)
     distilled_scores = scorer.final(distilled.SerializeToString())
     side = SIDES[dataset]
     forward = _forward_throughput(distilled, dreport.batch, (1, 3, side, side), dreport.provider)
