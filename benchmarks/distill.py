@@ -25,6 +25,7 @@ import numpy as np
 import onnx_whc
 from onnx_whc.api import distill
 from onnx_whc.data.calibration import preset_preprocess
+from onnx_whc.data.views import Augment
 from onnx_whc.graph.runtime import session
 from onnx_whc.recovery.distill import DistillSettings
 
@@ -44,11 +45,21 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "resnet56-0.549-affine": ("resnet56-0.549", {"parameters": "affine"}),
     # the built-in synthetic images beside the calib images
     "resnet56-0.549-synthetic-too": ("resnet56-0.549", {"synthetic": True}),
+    # on ImageNet the calib split holds 500 classes and the eval split the other 500: the synthetic
+    # images are the only views the student gets of anything beyond the user's classes
+    "efficientnet_lite0-0.78-synthetic-too": ("efficientnet_lite0-0.78", {"synthetic": True}),
     # a gentler peak step: at 1e-3 the held-out divergence of the last two doubles in the first minutes
     "resnet56-0.549-lr3e-4": ("resnet56-0.549", {"lr": 3e-4}),
     "efficientnet_lite0-0.78-lr3e-4": ("efficientnet_lite0-0.78", {"lr": 3e-4}),
     "yolov8n-0.7-lr3e-4": ("yolov8n-0.7", {"lr": 3e-4}),
+    # the held-out checks and the returned model take the weights averaged over the last fifth of the steps
+    "resnet56-0.549-average": ("resnet56-0.549", {"average": 0.2}),
+    # a box of one image pasted into another instead of their weighted sum
+    "resnet56-0.549-cutmix": ("resnet56-0.549", {"augment": Augment(mix="cutmix")}),
+    "resnet56-0.549-cutmix-average": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "average": 0.2}),
 }
+# mixup was the default when the cells without a mix of their own were measured
+MEASURED_WITH = {"augment": Augment(mix="mixup")}
 FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample", "yolo": "imagenet-sample"}
 SIDES = {"cifar10": 32, "imagenet": 224, "yolo": 320}
 
@@ -120,6 +131,7 @@ class Detections:
 
 def run_cell(name: str, minutes: float | None, provider: str | None) -> dict:
     base, fields = VARIANTS.get(name, (name, {}))
+    fields = {**MEASURED_WITH, **fields}
     file, dataset, budget, default_minutes, images, preset = CELLS[base]
     minutes = minutes or default_minutes
     model = SHARED / "models" / file

@@ -18,6 +18,7 @@ from .api import distill as distill_models
 from .api import prune as prune_model
 from .api import sweep as sweep_model
 from .data.calibration import PRESETS, preset_preprocess
+from .data.views import MIXES, Augment
 from .errors import OnnxWhcError, UserInputError
 from .graph.storage import check_writable, copy_unchanged, external_data_files, same_file, save
 from .pipeline import CRITERION_NAMES
@@ -107,6 +108,13 @@ _DISTILL_OPTIONS = [
     click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=DistillSettings.lr,
                  show_default=True, metavar="LR",
                  help="Adam's peak step, as a share of the RMS of each filter's original weights."),
+    click.option("--distill-mix", type=click.Choice(MIXES), default=Augment.mix, show_default=True,
+                 help="How two images of a batch make one view: cutmix pastes a box of one into the other, "
+                      "mixup takes their weighted sum."),
+    click.option("--distill-average", type=click.FloatRange(0, 1), default=DistillSettings.average,
+                 show_default=True, metavar="SHARE",
+                 help="Check and return the weights' moving average over about this share of the steps "
+                      "(0: the weights as trained)."),
 ]
 
 
@@ -117,7 +125,7 @@ def _distill_options(command):
 
 
 def _distill_settings(duration, seed, provider, distill_steps, distill_batch, distill_parameters, distill_synthetic,
-                      distill_lr) -> DistillSettings | None:
+                      distill_lr, distill_mix, distill_average) -> DistillSettings | None:
     """The settings of the --distill-* options (passed on by name), or None when no budget is given."""
     if duration is None and distill_steps is None:
         return None
@@ -128,7 +136,8 @@ def _distill_settings(duration, seed, provider, distill_steps, distill_batch, di
     if seconds is not None and seconds <= 0:
         raise UserInputError("--distill/--time must be a positive duration, e.g. 15m")
     return DistillSettings(seconds=seconds, steps=distill_steps, batch=distill_batch, parameters=distill_parameters,
-                           synthetic=distill_synthetic, lr=distill_lr, seed=seed, provider=provider)
+                           synthetic=distill_synthetic, lr=distill_lr, augment=Augment(mix=distill_mix),
+                           average=distill_average, seed=seed, provider=provider)
 
 
 def _calibration_options(command):

@@ -17,6 +17,7 @@ from onnx_whc.data.calibration import Calibration, Preprocess
 from onnx_whc.data.samples import Samples
 from onnx_whc.data.views import Augment, Joined, Views
 from onnx_whc.measure.quality import OutputKind, QualityProbe, divergence
+from onnx_whc.recovery import distill as distill_module
 from onnx_whc.recovery.distill import (
     Distiller,
     DistillSettings,
@@ -259,6 +260,34 @@ def test_affine_training_scales_whole_filters_and_moves_biases():
     assert distiller.report.trained_values == moved < sum(before[n].size for n in axes)
 
 
+def test_the_checks_and_the_returned_model_take_the_moving_average_of_the_weights(monkeypatch):
+    """With `average`, the model returned is the exponential moving average of the trained weights, its time
+    constant the given share of the budget's steps (here 0.5 of 20: decay 0.9, less over the first steps)."""
+    settings = DistillSettings(steps=20, batch=8, lr=0.05, average=0.5, evaluations=1)
+    student, distiller = _distiller(_classifier(0), 0.3, 60, settings)
+    distiller._evaluate = lambda params, step, seconds, loss: (float(step), None)  # the last check is the best
+    trained = []
+    adam = distill_module._adam
+
+    def recording(p, grad, lr, step):
+        adam(p, grad, lr, step)
+        trained.append((step, p.name, p.value.copy()))
+
+    monkeypatch.setattr(distill_module, "_adam", recording)
+    healed = distiller.run()
+    after = {t.name: numpy_helper.to_array(t) for t in healed.graph.initializer}
+    expected = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in student.graph.initializer
+                if t.name in trainable(student)}
+    for step, name, value in trained:
+        decay = min(0.9, (step + 1) / (step + 10))
+        expected[name] = decay * expected[name] + (1 - decay) * value
+    last = {name: value for _, name, value in trained}
+    assert len(trained) == 20 * len(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(after[name], value, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(after[name], last[name])
+
+
 def test_an_op_without_a_rule_moves_the_loss_to_what_it_reads():
     b = GraphBuilder(opset=17, seed=0)
     x = b.input("x", [1, 3, 8, 8])
@@ -356,11 +385,12 @@ def test_cli_prune_and_distill(tmp_path):
     assert (tmp_path / "report.distill.png").stat().st_size > 0
     healed = tmp_path / "healed.onnx"
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
-                                  "--distill-batch", "8", "--distill-lr", "5e-4", "--report", str(report), "-o",
-                                  str(healed)])
+                                  "--distill-batch", "8", "--distill-lr", "5e-4", "--distill-mix", "mixup",
+                                  "--distill-average", "0.25", "--report", str(report), "-o", str(healed)])
     assert result.exit_code == 0, result.output
     assert "distill: 3 steps, 24 augmented views" in result.output
-    assert json.loads(report.read_text())["lr"] == 5e-4
+    written = json.loads(report.read_text())
+    assert (written["lr"], written["mix"], written["average"]) == (5e-4, "mixup", 0.25)
     before, after = onnx.load(out), onnx.load(healed)
     assert [n.name for n in before.graph.node] == [n.name for n in after.graph.node]
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "-o", str(healed)])
@@ -368,6 +398,9 @@ def test_cli_prune_and_distill(tmp_path):
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
                                   "--distill-lr", "0", "-o", str(healed)])
     assert result.exit_code == 2 and "--distill-lr" in result.output
+    result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
+                                  "--distill-average", "1.5", "-o", str(healed)])
+    assert result.exit_code == 2 and "--distill-average" in result.output
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",
                                   "--distill-synthetic", "-o", str(healed)])  # 12 px: too small for the synthetic images
     assert result.exit_code == 2 and "--distill-synthetic: no synthetic images for this model" in result.output

@@ -28,7 +28,10 @@ class Augment:
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
-    mix: str = "mixup"  # mixup: a weighted sum of two views; cutmix: a box of one pasted into the other
+    # cutmix: a box of one view pasted into the other; mixup: their weighted sum. Distilling ResNet-56
+    # at 0.549 of the MACs for 20 minutes, cutmix reached held-out KL 0.297 and 0.287 (two runs) where
+    # mixup reached 0.303-0.320 (four), and 82.27% and 81.89% top-1 against 81.70-81.84%.
+    mix: str = "cutmix"
 
 
 class Views:

@@ -75,6 +75,9 @@ class DistillSettings:
     # be), beside the calibration data: views of classes the user's images may lack.
     synthetic: bool = False
     warmup: float = 0.03  # share of the budget over which the step rises to lr
+    # The held-out checks score, and the returned model takes, an exponential moving average of the
+    # weights over about this share of the budget's steps (0: the weights as trained).
+    average: float = 0.0
     seed: int = 0
     provider: str | None = None
 
@@ -95,6 +98,8 @@ class DistillReport:
     batch: int = 0
     parameters: str = "all"
     lr: float = 0.0  # the peak step, as a share of each filter's RMS
+    average: float = 0.0  # the weights' moving average's window, as a share of the steps (0: none)
+    mix: str = ""  # how two images made one view (Augment.mix)
     trained_tensors: int = 0
     trained_values: int = 0  # the values the optimiser moves: one per filter for affine weights
     measure: str = ""  # what the held-out figure is, e.g. "top-1 agreement"
@@ -224,6 +229,7 @@ class _Parameter:
     affine: bool  # trained as one scale per filter (the weights' directions kept)
     first: np.ndarray = None
     second: np.ndarray = None
+    average: np.ndarray | None = None  # the moving average of `value` (DistillSettings.average)
 
 
 def trainable(model: onnx.ModelProto) -> dict[str, int | None]:
@@ -326,7 +332,8 @@ class Distiller:
         self.batch = settings.batch or default_batch(views.shape)
         self.input = views.name
         self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters,
-                                    lr=settings.lr, data=data or f"{views.count:,} samples")
+                                    lr=settings.lr, average=settings.average,
+                                    mix=settings.augment.mix, data=data or f"{views.count:,} samples")
         self.best_score: float | None = None
         self.best_fit: float | None = None  # the held-out divergence of the best checkpoint
         self.best_values: dict[str, np.ndarray] = {}
@@ -409,8 +416,12 @@ class Distiller:
             fed = [feeds[f"target__{k}"] for k in range(len(targets))]
             losses.append(self._loss(targets, outs[len(params):], fed))
             lr = s.lr * _schedule(timer.progress(step), s.warmup)
+            decay = _decay(s.average, step, timer.progress(step))
             for p, grad in zip(params, outs[:len(params)]):
                 _adam(p, grad, lr, step)
+                if p.average is not None:
+                    p.average *= decay
+                    p.average += (1 - decay) * p.value
             if checks and timer.progress(step) >= checks[0]:
                 while checks and timer.progress(step) >= checks[0]:
                     checks.pop(0)
@@ -426,7 +437,7 @@ class Distiller:
         self.report.seconds = round(timer.elapsed(), 2)
         if self.best_score is None and self.best_fit is None:  # nothing to choose by: the training's last step
             self.report.note = "; ".join(filter(None, [self.report.note, "no held-out measure: the last step"]))
-            return self._with_values({p.name: p.value for p in params})
+            return self._with_values(_weights(params))
         return self._with_values(self.best_values)
 
     def _check(self, params: list[_Parameter], step: int, loss: float | None) -> None:
@@ -441,7 +452,7 @@ class Distiller:
         self.checked = step
         if step == 0 or self._better(score, fit):
             self.best_score, self.best_fit = score, fit
-            self.best_values = {p.name: p.value.copy() for p in params}
+            self.best_values = {name: value.copy() for name, value in _weights(params).items()}
             self.report.best_step = step
 
     def _better(self, score: float | None, fit: float | None) -> bool:
@@ -566,7 +577,7 @@ class Distiller:
             affine = self.settings.parameters == "affine" and axis is not None
             moment = np.zeros_like(value) if not affine else np.zeros(_filter_shape(value, axis), np.float32)
             params.append(_Parameter(name, value.copy(), _rms_scale(value, axis), axis, affine, moment,
-                                     moment.copy()))
+                                     moment.copy(), value.copy() if self.settings.average else None))
         return params
 
     def _with_values(self, values: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -580,7 +591,7 @@ class Distiller:
     def _evaluate(self, params, step: int, seconds: float, loss: float | None):
         """The held-out score of the current weights (mean over outputs of agreement or R²) and their
         divergence from the original there, recorded."""
-        model = self._with_values({p.name: p.value for p in params})
+        model = self._with_values(_weights(params))
         outputs = self.probe.outputs(model)
         quality = self.probe.measure(model, outputs)
         score, measure = _score(quality)
@@ -607,6 +618,11 @@ def _score(quality: Quality) -> tuple[float | None, str]:
     metrics = sorted({q.metric for q in rated})
     name = {"agreement": "top-1 agreement", "r2": "mean R²", "match": "exact match"}
     return float(np.mean([q.value for q in rated])), " and ".join(name[m] for m in metrics)
+
+
+def _weights(params: list[_Parameter]) -> dict[str, np.ndarray]:
+    """The weights a check scores and a checkpoint keeps: the moving average where there is one."""
+    return {p.name: p.value if p.average is None else p.average for p in params}
 
 
 def _rms_scale(value: np.ndarray, axis: int | None) -> np.ndarray:
@@ -643,6 +659,13 @@ def _schedule(progress: float, warmup: float) -> float:
     if progress < warmup:
         return (progress + 1e-3) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))))
+
+
+def _decay(window: float, step: int, progress: float) -> float:
+    """The moving average's decay at `step`: a time constant of `window` of the steps the budget will
+    take (estimated from the share spent), and no longer than the steps taken so far allow."""
+    steps = window * step / max(progress, 1e-9)
+    return min(1 - 1 / max(steps, 1.0), (step + 1) / (step + 10))
 
 
 def _checkpoints(count: int) -> list[float]:
