@@ -57,6 +57,7 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     # a box of one image pasted into another instead of their weighted sum
     "resnet56-0.549-cutmix": ("resnet56-0.549", {"augment": Augment(mix="cutmix")}),
     "resnet56-0.549-cutmix-average": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "average": 0.2}),
+    "resnet56-0.549-cutmix-seed1": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "seed": 1}),
 }
 # mixup was the default when the cells without a mix of their own were measured
 MEASURED_WITH = {"augment": Augment(mix="mixup")}
