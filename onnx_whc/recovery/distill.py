@@ -415,8 +415,8 @@ class Distiller:
             outs = train_session.run(fetch, feeds)
             fed = [feeds[f"target__{k}"] for k in range(len(targets))]
             losses.append(self._loss(targets, outs[len(params):], fed))
-            lr = s.lr * _schedule(timer.progress(step), s.warmup)
-            decay = _decay(s.average, step, timer.progress(step))
+            progress = timer.progress(step)
+            lr, decay = s.lr * _schedule(progress, s.warmup), _decay(s.average, step, progress)
             for p, grad in zip(params, outs[:len(params)]):
                 _adam(p, grad, lr, step)
                 if p.average is not None:
