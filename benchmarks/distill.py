@@ -58,6 +58,9 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "resnet56-0.549-cutmix": ("resnet56-0.549", {"augment": Augment(mix="cutmix")}),
     "resnet56-0.549-cutmix-average": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "average": 0.2}),
     "resnet56-0.549-cutmix-seed1": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "seed": 1}),
+    "efficientnet_lite0-0.78-cutmix": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix")}),
+    "yolov8n-0.7-cutmix": ("yolov8n-0.7", {"augment": Augment(mix="cutmix")}),
+    "resnet56-0.549-cutmix-lr2e-3": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "lr": 2e-3}),
 }
 # mixup was the default when the cells without a mix of their own were measured
 MEASURED_WITH = {"augment": Augment(mix="mixup")}

@@ -108,9 +108,9 @@ _DISTILL_OPTIONS = [
     click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=DistillSettings.lr,
                  show_default=True, metavar="LR",
                  help="Adam's peak step, as a share of the RMS of each filter's original weights."),
-    click.option("--distill-mix", type=click.Choice(MIXES), default=Augment.mix, show_default=True,
+    click.option("--distill-mix", type=click.Choice(("auto", *MIXES)), default="auto", show_default=True,
                  help="How two images of a batch make one view: cutmix pastes a box of one into the other, "
-                      "mixup takes their weighted sum."),
+                      "mixup takes their weighted sum; auto: cutmix for a classifier, mixup for other outputs."),
     click.option("--distill-average", type=click.FloatRange(0, 1), default=DistillSettings.average,
                  show_default=True, metavar="SHARE",
                  help="Check and return the weights' moving average over about this share of the steps "
@@ -136,7 +136,7 @@ def _distill_settings(duration, seed, provider, distill_steps, distill_batch, di
     if seconds is not None and seconds <= 0:
         raise UserInputError("--distill/--time must be a positive duration, e.g. 15m")
     return DistillSettings(seconds=seconds, steps=distill_steps, batch=distill_batch, parameters=distill_parameters,
-                           synthetic=distill_synthetic, lr=distill_lr, augment=Augment(mix=distill_mix),
+                           synthetic=distill_synthetic, lr=distill_lr, augment=None if distill_mix == "auto" else Augment(mix=distill_mix),
                            average=distill_average, seed=seed, provider=provider)
 
 

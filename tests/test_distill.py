@@ -24,6 +24,7 @@ from onnx_whc.recovery.distill import (
     _Budget,
     _Parameter,
     _Target,
+    augment_for,
     default_batch,
     parse_duration,
     trainable,
@@ -369,6 +370,13 @@ def test_prune_with_distillation_reports_it(tmp_path):
     assert "distilled" in report.seconds
 
 
+def test_the_mix_follows_the_outputs_kind_unless_set():
+    classifier, dense = OutputKind("classifier", 1), OutputKind("dense", 1)
+    assert augment_for(DistillSettings(), {"logits": classifier, "boxes": dense}).mix == "cutmix"
+    assert augment_for(DistillSettings(), {"boxes": dense}).mix == "mixup"
+    assert augment_for(DistillSettings(augment=Augment(mix="none")), {"logits": classifier}).mix == "none"
+
+
 def test_cli_prune_and_distill(tmp_path):
     original = tmp_path / "model.onnx"
     onnx.save(_classifier(0), original)
@@ -382,6 +390,7 @@ def test_cli_prune_and_distill(tmp_path):
     assert result.exit_code == 0, result.output
     assert "distill: 4 steps" in result.output
     assert json.loads(report.read_text())["distill"]["steps"] == 4
+    assert json.loads(report.read_text())["distill"]["mix"] == "cutmix"  # the default for a classifier
     assert (tmp_path / "report.distill.png").stat().st_size > 0
     healed = tmp_path / "healed.onnx"
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--distill-steps", "3",

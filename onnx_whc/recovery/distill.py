@@ -70,7 +70,7 @@ class DistillSettings:
     # where the prune left their shape as it was), shared among them; 0: the outputs alone. ResNet-20
     # at 0.665 of the MACs, 400 steps: 1.0 gave 79.1% top-1, 0 79.45% (least squares alone 78.8%).
     trunks: float = 0.0
-    augment: Augment = Augment()
+    augment: Augment | None = None  # None: by the outputs' kind (`augment_for`)
     # Also train on the built-in synthetic images (refined by inverting the original where it can
     # be), beside the calibration data: views of classes the user's images may lack.
     synthetic: bool = False
@@ -160,6 +160,20 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def augment_for(settings: DistillSettings, kinds: dict[str, OutputKind]) -> Augment:
+    """The settings' augmentation, or by the outputs' kind: cutmix where a classifier answers, else mixup.
+
+    Distilling ResNet-56 at 0.549 of the MACs for 20 minutes, cutmix reached held-out KL 0.287-0.299
+    (three runs) where mixup reached 0.303-0.320 (four), and 81.89-82.27% top-1 against 81.70-81.84%;
+    EfficientNet-Lite0 (60 minutes) ended at held-out KL 0.254 against 0.275. The YOLOv8n at 0.695
+    (60 minutes) kept 67% of its detections with 31% extra and class R² 0.523 with cutmix, against
+    71%, 27% and 0.717 with mixup.
+    """
+    if settings.augment is not None:
+        return settings.augment
+    return Augment(mix="cutmix" if any(k.kind == "classifier" for k in kinds.values()) else "mixup")
+
+
 def default_batch(shape: tuple[int, ...]) -> int:
     """Views per step: 64 for CIFAR-sized inputs, 16 at 224×224, 8 at 320×320 and above."""
     pixels = int(np.prod(shape[1:])) / min(shape[1:])  # per channel, whichever axis holds them
@@ -197,7 +211,8 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
     if synthetic is not None and len(synthetic):
         arrays = synthetic if arrays is None else Joined(arrays, synthetic)
         data += f" and {len(synthetic):,} built-in synthetic images"
-    views = Views(name, shape, preprocess, paths=paths, arrays=arrays, augment=settings.augment, seed=settings.seed)
+    views = Views(name, shape, preprocess, paths=paths, arrays=arrays, augment=augment_for(settings, probe.kinds),
+                  seed=settings.seed)
     meter = Meter(progress, f"distilling ({settings.budget})")
     distiller = Distiller(original, student, views, probe, settings, progress=meter, on_checkpoint=on_checkpoint,
                           data=data)
@@ -333,7 +348,7 @@ class Distiller:
         self.input = views.name
         self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters,
                                     lr=settings.lr, average=settings.average,
-                                    mix=settings.augment.mix, data=data or f"{views.count:,} samples")
+                                    mix=views.augment.mix, data=data or f"{views.count:,} samples")
         self.best_score: float | None = None
         self.best_fit: float | None = None  # the held-out divergence of the best checkpoint
         self.best_values: dict[str, np.ndarray] = {}
