@@ -135,9 +135,10 @@ def _distill_settings(duration, seed, provider, distill_steps, distill_batch, di
         raise UserInputError(f"--distill/--time: {err}") from None
     if seconds is not None and seconds <= 0:
         raise UserInputError("--distill/--time must be a positive duration, e.g. 15m")
+    augment = None if distill_mix == "auto" else Augment(mix=distill_mix)  # None: by the output's kind
     return DistillSettings(seconds=seconds, steps=distill_steps, batch=distill_batch, parameters=distill_parameters,
-                           synthetic=distill_synthetic, lr=distill_lr, augment=None if distill_mix == "auto" else Augment(mix=distill_mix),
-                           average=distill_average, seed=seed, provider=provider)
+                           synthetic=distill_synthetic, lr=distill_lr, augment=augment, average=distill_average,
+                           seed=seed, provider=provider)
 
 
 def _calibration_options(command):
