@@ -437,8 +437,8 @@ class Distiller:
                 if p.average is not None:
                     p.average *= decay
                     p.average += (1 - decay) * p.value
-            if checks and timer.progress(step) >= checks[0]:
-                while checks and timer.progress(step) >= checks[0]:
+            if checks and progress >= checks[0]:
+                while checks and progress >= checks[0]:
                     checks.pop(0)
                 self._check(params, step, float(np.mean(losses)))
                 losses = []
