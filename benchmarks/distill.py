@@ -61,9 +61,16 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "efficientnet_lite0-0.78-cutmix": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix")}),
     "yolov8n-0.7-cutmix": ("yolov8n-0.7", {"augment": Augment(mix="cutmix")}),
     "resnet56-0.549-cutmix-lr2e-3": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "lr": 2e-3}),
+    # a term on the feature maps the global pooling reads, beside the logits (MiR)
+    "efficientnet_lite0-0.78-features": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
+                                                                     "features": 1.0}),
+    "resnet56-0.549-features": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0}),
+    "efficientnet_lite0-0.78-features4": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
+                                                                      "features": 4.0}),
 }
-# mixup was the default when the cells without a mix of their own were measured
-MEASURED_WITH = {"augment": Augment(mix="mixup")}
+# the defaults when the cells without these fields of their own were measured: mixup, and no term on
+# the pooled feature maps
+MEASURED_WITH = {"augment": Augment(mix="mixup"), "features": 0.0}
 FOLDERS = {"cifar10": "cifar10-test", "imagenet": "imagenet-sample", "yolo": "imagenet-sample"}
 SIDES = {"cifar10": 32, "imagenet": 224, "yolo": 320}
 

@@ -115,6 +115,10 @@ _DISTILL_OPTIONS = [
                  show_default=True, metavar="SHARE",
                  help="Check and return the weights' moving average over about this share of the steps "
                       "(0: the weights as trained)."),
+    click.option("--distill-features", type=click.FloatRange(min=0), default=DistillSettings.features,
+                 show_default=True, metavar="WEIGHT",
+                 help="Weight of a term on the feature maps the model's global pooling reads, where the prune "
+                      "left their shape (0: the outputs alone)."),
 ]
 
 
@@ -125,7 +129,7 @@ def _distill_options(command):
 
 
 def _distill_settings(duration, seed, provider, distill_steps, distill_batch, distill_parameters, distill_synthetic,
-                      distill_lr, distill_mix, distill_average) -> DistillSettings | None:
+                      distill_lr, distill_mix, distill_average, distill_features) -> DistillSettings | None:
     """The settings of the --distill-* options (passed on by name), or None when no budget is given."""
     if duration is None and distill_steps is None:
         return None
@@ -138,7 +142,7 @@ def _distill_settings(duration, seed, provider, distill_steps, distill_batch, di
     augment = None if distill_mix == "auto" else Augment(mix=distill_mix)  # None: by the output's kind
     return DistillSettings(seconds=seconds, steps=distill_steps, batch=distill_batch, parameters=distill_parameters,
                            synthetic=distill_synthetic, lr=distill_lr, augment=augment, average=distill_average,
-                           seed=seed, provider=provider)
+                           features=distill_features, seed=seed, provider=provider)
 
 
 def _calibration_options(command):

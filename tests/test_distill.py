@@ -44,6 +44,21 @@ def _classifier(seed: int = 0, softmax: bool = True, side: int = 12) -> onnx.Mod
     return b.build(outputs=[b.softmax(logits, axis=1) if softmax else logits])
 
 
+def _padded_classifier(seed: int = 0) -> onnx.ModelProto:
+    """TF-style padding apart from the convs: an end-only Pad before a stride-2 conv, a symmetric one
+    before a depthwise conv, and one padding with ones (not foldable) before a third."""
+    b = GraphBuilder(opset=17, seed=seed)
+
+    def pad(y, pads, fill=0.0):
+        return b.op("Pad", [y, b.const(np.array(pads, np.int64)), b.const(np.float32(fill))])
+
+    y = b.relu(b.conv(pad(b.input("x", [1, 3, 12, 12]), [0, 0, 0, 0, 0, 0, 1, 1]), 8, k=3, stride=2, pad=0,
+                      name="stem"))
+    y = b.relu(b.conv(pad(y, [0, 0, 1, 1, 0, 0, 1, 1]), 8, k=3, group=8, pad=0, name="dw"))
+    y = b.relu(b.conv(pad(y, [0, 0, 1, 0, 0, 0, 0, 1], fill=1.0), 8, k=3, pad=1, name="ones"))
+    return b.build(outputs=[b.softmax(b.gemm(b.flatten(b.global_average_pool(y)), 5, name="head"), axis=1)])
+
+
 def _detector(seed: int = 0) -> onnx.ModelProto:
     """A dense output whose channels differ in scale by 1000x, read through Sigmoid·Mul and a Resize."""
     b = GraphBuilder(opset=17, seed=seed)
@@ -115,44 +130,65 @@ def _loss(targets, outs, teacher_outs, temperature, weights):
     return total
 
 
-@pytest.mark.parametrize("which", ["classifier", "detector"])
+@pytest.mark.parametrize("which", ["classifier", "detector", "classifier and its pooled map", "padded classifier"])
 def test_training_gradients_match_finite_differences_of_the_loss(which):
     """The gradient outputs of the training model are those of T²·KL (classifier) or the variance-weighted
-    squared error (dense), checked along random directions of every trained weight at once."""
-    teacher = _classifier(0) if which == "classifier" else _detector(0)
+    squared error (dense), checked along random directions of every trained weight at once; with a term
+    on the map the pooling reads too, its gradient joins the logits' on the way back. Zero spatial
+    Pads before convs are folded into the convs' pads: the logits stay the student's."""
+    teacher = {"detector": _detector, "padded classifier": _padded_classifier}.get(which, _classifier)(0)
     student = _perturbed(teacher, 0.3)
     rng = np.random.default_rng(2)
-    shape = (4, 3, 12, 12) if which == "classifier" else (4, 3, 8, 8)
+    shape = (4, 3, 8, 8) if which == "detector" else (4, 3, 12, 12)
     x = rng.standard_normal(shape).astype(np.float32)
     wanted = list(trainable(student))
     producers = {o: n for n in student.graph.node for o in n.output}
     out = student.graph.output[0].name
-    if which == "classifier":
+
+    def dense(k: int, tensor: str, t: np.ndarray) -> np.ndarray:
+        channels = t.shape[1]
+        w = (1 / np.moveaxis(t, 1, 0).reshape(channels, -1).var(1)).reshape(1, channels, 1, 1).astype(np.float32)
+        targets.append(_Target(tensor, OutputKind("dense", 1)))
+        feeds.update({f"target__{k}": t, f"weight__{k}": (2 * w / t.size).astype(np.float32)})
+        return w
+
+    targets, feeds = [], {}
+    if which == "detector":
+        temperature = 1.0
+        teacher_outs = _run(teacher, x)
+        weights = [dense(0, out, teacher_outs[0])]
+    else:
         logits = producers[out].input[0]
-        targets = [_Target(logits, OutputKind("classifier", 1))]
+        pooled = next(n.input[0] for n in student.graph.node if n.op_type == "GlobalAveragePool")
         teacher_model = onnx.ModelProto.FromString(teacher.SerializeToString())
-        teacher_model.graph.output.append(onnx.helper.make_tensor_value_info(logits, 1, None))
-        t = _run(teacher_model, x)[1]
+        for name in (logits, pooled):
+            teacher_model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+        _, t, t_pooled = _run(teacher_model, x)
+        targets.append(_Target(logits, OutputKind("classifier", 1)))
         temperature = 2.0
         e = np.exp(t / temperature - (t / temperature).max(1, keepdims=True))
-        feeds = {"target__0": (e / e.sum(1, keepdims=True)).astype(np.float32)}
-        weights = [None]
-    else:
-        targets = [_Target(out, OutputKind("dense", 1))]
-        t = _run(teacher, x)[0]
-        temperature = 1.0
-        w = (1 / t.transpose(1, 0, 2, 3).reshape(4, -1).var(1)).reshape(1, 4, 1, 1).astype(np.float32)
-        feeds = {"target__0": t, "weight__0": (2 * w / t.size).astype(np.float32)}
-        weights = [w]
+        feeds["target__0"] = (e / e.sum(1, keepdims=True)).astype(np.float32)
+        teacher_outs, weights = [t], [None]
+        if which == "classifier and its pooled map":
+            weights.append(dense(1, pooled, t_pooled))
+            teacher_outs.append(t_pooled)
     model, grads = training_model(student, {"x": shape}, targets, wanted, temperature)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     values = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer if t.name in grads}
     # every weight and bias, and the detector's per-channel output scale
-    assert set(values) == set(wanted) and len(wanted) == (8 if which == "classifier" else 5)
+    assert set(values) == set(wanted) and len(wanted) == (5 if which == "detector" else 8)
+    if which == "padded classifier":
+        pads = {n.output[0] for n in student.graph.node if n.op_type == "Pad"}
+        assert len(pads) == 3 and len(pads & {o for n in model.graph.node for o in n.output}) == 1  # the ones'
+        with_logits = onnx.ModelProto.FromString(student.SerializeToString())
+        with_logits.graph.output.append(onnx.helper.make_tensor_value_info(targets[0].tensor, 1, None))
+        student_logits = _run(with_logits, x)[1]
+        np.testing.assert_allclose(sess.run([targets[0].tensor], {"x": x, **feeds, **values})[0], student_logits,
+                                   rtol=1e-5, atol=1e-5)
 
     def loss_at(vals):
-        outs = sess.run([targets[0].tensor], {"x": x, **feeds, **vals})
-        return _loss(targets, outs, [t], temperature, weights)
+        outs = sess.run([target.tensor for target in targets], {"x": x, **feeds, **vals})
+        return _loss(targets, outs, teacher_outs, temperature, weights)
 
     analytic = dict(zip(values, sess.run([grads[n] for n in values], {"x": x, **feeds, **values})))
     for _ in range(3):
@@ -438,3 +474,34 @@ def test_the_trunk_term_reads_residual_joins_the_prune_left_whole():
     _, distiller = _distiller(_classifier(0), 0.3, 40, DistillSettings(steps=3, batch=8))
     distiller.run()
     assert distiller.report.trunks == 0
+
+
+def test_the_feature_term_reads_what_the_global_pooling_reads_once():
+    _, distiller = _distiller(_classifier(0), 0.3, 40, DistillSettings(steps=3, batch=8, features=1.0))
+    distiller.run()
+    pooled = next(n.input[0] for n in distiller.student.graph.node if n.op_type == "GlobalAveragePool")
+    assert (distiller.report.features, distiller.report.trunks) == (1, 0)
+    assert [t.tensor for t in distiller.targets([o.name for o in distiller.student.graph.output])
+            if t.role == "features"] == [pooled]
+    # the pooled map is the residual join too: a tensor is read by one term, not two
+    _, distiller = _distiller(_classifier(0), 0.3, 40, DistillSettings(steps=3, batch=8, features=1.0, trunks=1.0))
+    distiller.run()
+    assert (distiller.report.features, distiller.report.trunks) == (0, 1)
+
+
+def test_the_feature_term_skips_a_pooled_map_the_prune_narrowed():
+    def pooled_classifier(width: int) -> onnx.ModelProto:
+        b = GraphBuilder(opset=17, seed=0)
+        y = b.relu(b.conv(b.input("x", [1, 3, 12, 12]), width, k=3, stride=2, name="last"))
+        return b.build(outputs=[b.gemm(b.flatten(b.global_average_pool(y)), 5, name="head")])
+
+    teacher, student = pooled_classifier(8), pooled_classifier(6)
+    assert [n.input for n in teacher.graph.node] == [n.input for n in student.graph.node]
+    calibration = _calibration(40)
+    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"))
+    settings = DistillSettings(steps=2, batch=8, features=1.0)
+    for model, features in ((teacher, 1), (student, 0)):
+        probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
+        distiller = Distiller(teacher, model, views, probe, settings)
+        distiller.run()
+        assert distiller.report.features == features

@@ -70,6 +70,13 @@ class DistillSettings:
     # where the prune left their shape as it was), shared among them; 0: the outputs alone. ResNet-20
     # at 0.665 of the MACs, 400 steps: 1.0 gave 79.1% top-1, 0 79.45% (least squares alone 78.8%).
     trunks: float = 0.0
+    # Weight of a term on the feature maps a global pooling reads (the original's last features,
+    # where the prune left their shape), shared among them: mimicking them taught pruned nets more
+    # than the outputs alone from few images (MiR, Wang et al., CVPR 2022). 0: the outputs alone.
+    # EfficientNet-Lite0 at 0.778 of the MACs, 60 minutes with cutmix: held-out KL 0.247 -> 0.226 and
+    # 81.6% top-1, where without it no checkpoint beat the start (80.2%); ResNet-56 at 0.549, 20
+    # minutes: 82.11%, inside the 82.00-82.27% of the runs without it.
+    features: float = 1.0
     augment: Augment | None = None  # None: by the outputs' kind (`augment_for`)
     # Also train on the built-in synthetic images (refined by inverting the original where it can
     # be), beside the calibration data: views of classes the user's images may lack.
@@ -110,8 +117,9 @@ class DistillReport:
     divergence_after: float | None = None
     best_step: int = 0
     curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss", "held_out", "divergence"}
-    loss_on: list[str] = field(default_factory=list)  # tensors the loss is taken on, the trunks aside
+    loss_on: list[str] = field(default_factory=list)  # tensors the loss is taken on, trunks and features aside
     trunks: int = 0  # residual trunks the loss also reads
+    features: int = 0  # pooled feature maps the loss also reads
     note: str = ""  # why the loss moved off an output, or why nothing was kept
     images_per_second: float = 0.0
     data: str = ""  # what the views were made from, e.g. "800 calibration images"
@@ -232,7 +240,7 @@ class _Target:
     kind: OutputKind
     weights: np.ndarray | None = None  # dense: 1 / channel variance, broadcastable
     scale: float = 1.0  # the term's weight in the loss
-    trunk: bool = False  # a residual trunk, not an output
+    role: str = "output"  # or "trunk" (a residual join) or "features" (a map a global pooling reads)
 
 
 @dataclass
@@ -280,6 +288,7 @@ def training_model(student: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
     """
     model = with_batch(student, input_shapes)
     graph = model.graph
+    _pads_into_convs(graph, {t.tensor for t in targets})
     moved = {t.name: t for t in graph.initializer if t.name in set(wrt)}
     kept = [t for t in graph.initializer if t.name not in moved]
     del graph.initializer[:]
@@ -334,6 +343,61 @@ def training_model(student: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
     return model, outputs
 
 
+def _pads_into_convs(graph: onnx.GraphProto, kept: set[str]) -> None:
+    """Fold zero spatial Pads read only by Convs into the Convs' own pads (TF-style exports pad
+    apart): the training graph then neither pads nor slices the padding off the gradient, and the
+    weight gradient's unfolding pads as it goes. EfficientNet-Lite0's 17 Pads took 14% of its step."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    kept = kept | {o.name for o in graph.output}
+    folded = []
+    for node in graph.node:
+        pads = _zero_spatial_pads(node, values)
+        convs = readers.get(node.output[0], []) if pads is not None else []
+        if not convs or node.output[0] in kept or any(
+                c.op_type != "Conv" or list(c.input).count(node.output[0]) != 1 or c.input[0] != node.output[0]
+                or attribute(c, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for c in convs):
+            continue
+        for conv in convs:
+            own = attribute(conv, "pads", [0] * len(pads))
+            conv.input[0] = node.input[0]
+            _set_ints(conv, "pads", [int(a) + int(b) for a, b in zip(own, pads)])
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    gone = {node.output[0] for node in folded}
+    infos = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _zero_spatial_pads(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list[int] | None:
+    """A Pad's non-negative pads over the spatial axes in Conv's order (begins, then ends), or None
+    where it pads with anything but zeros, over the batch or channel axes, or not by constants."""
+    if node.op_type != "Pad" or attribute(node, "mode", b"constant") not in (b"constant", "constant"):
+        return None
+    if len(node.input) > 1:
+        pads = values.get(node.input[1])
+        fill = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+        if pads is None or fill is None or (len(node.input) > 3 and node.input[3]):
+            return None
+    else:
+        pads, fill = np.array(attribute(node, "pads", [])), np.array(attribute(node, "value", 0.0))
+    rank = len(pads) // 2
+    if rank < 3 or fill.size != 1 or float(fill) != 0 or (pads < 0).any() or pads[[0, 1, rank, rank + 1]].any():
+        return None
+    return [int(v) for v in pads[2:rank]] + [int(v) for v in pads[rank + 2:]]
+
+
+def _set_ints(node: onnx.NodeProto, name: str, values: list[int]) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute(name, values)])
+
+
 # ---- the loop -------------------------------------------------------------------------------------------------------
 class Distiller:
     """One student, its teacher and its data, ready to train for a budget."""
@@ -370,22 +434,26 @@ class Distiller:
             if kind.kind == "scalar":
                 kind = OutputKind("dense", 1)
             targets.append(_Target(tensor, kind))
-        trunks = self._trunks({t.tensor for t in targets})
-        for name in trunks:
-            targets.append(_Target(name, OutputKind("dense", 1), scale=self.settings.trunks / len(trunks), trunk=True))
+        taken = {t.tensor for t in targets}
+        for role, weight in (("trunk", self.settings.trunks), ("features", self.settings.features)):
+            names = self._inner(role, taken) if weight else []
+            targets += [_Target(n, OutputKind("dense", 1), scale=weight / len(names), role=role) for n in names]
+            taken.update(names)
         return targets
 
-    def _trunks(self, taken: set[str]) -> list[str]:
-        """The residual trunks the loss reads too: outputs of Adds of two computed 4-D tensors whose
-        shape the prune left as the original's."""
-        if not self.settings.trunks:
-            return []
+    def _inner(self, role: str, taken: set[str]) -> list[str]:
+        """4-D tensors the loss reads beside the outputs, where the prune left their shape as the
+        original's: for "trunk" the outputs of Adds of two computed tensors (residual joins), for
+        "features" the inputs of global poolings (the last feature maps before a classifier head)."""
         original, student = self._shapes()
         constants = {t.name for t in self.student.graph.initializer}
-        return [n.output[0] for n in self.student.graph.node
-                if n.op_type == "Add" and len(n.input) == 2 and not set(n.input) & constants
-                and n.output[0] not in taken and len(student.get(n.output[0], ())) == 4
-                and original.get(n.output[0]) == student.get(n.output[0])]
+        if role == "trunk":
+            found = [n.output[0] for n in self.student.graph.node
+                     if n.op_type == "Add" and len(n.input) == 2 and not set(n.input) & constants]
+        else:
+            found = [n.input[0] for n in self.student.graph.node if n.op_type in ("GlobalAveragePool", "GlobalMaxPool")]
+        return [name for name in dict.fromkeys(found) if name not in taken and len(student.get(name, ())) == 4
+                and original.get(name) == student.get(name)]
 
     def _shapes(self) -> tuple[dict, dict]:
         """Static shapes at batch 1 of the original's and the student's tensors."""
@@ -409,8 +477,9 @@ class Distiller:
         params = self._parameters(wanted, grads)
         self.report.trained_tensors = len(params)
         self.report.trained_values = int(sum(p.first.size for p in params))  # affine: the filters' scales
-        self.report.loss_on = [t.tensor for t in targets if not t.trunk]
-        self.report.trunks = sum(t.trunk for t in targets)
+        self.report.loss_on = [t.tensor for t in targets if t.role == "output"]
+        self.report.trunks = sum(t.role == "trunk" for t in targets)
+        self.report.features = sum(t.role == "features" for t in targets)
         self.report.images = self.views.count
         self._check(params, 0, None)
         self.report.before, self.report.divergence_before = self.best_score, self.best_fit
