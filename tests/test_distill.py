@@ -489,6 +489,20 @@ def test_the_feature_term_reads_what_the_global_pooling_reads_once():
     assert (distiller.report.features, distiller.report.trunks) == (0, 1)
 
 
+def test_the_feature_term_reads_the_last_pooling_not_a_squeeze_and_excitation_one():
+    b = GraphBuilder(opset=17, seed=0)
+    y = b.relu(b.conv(b.input("x", [1, 3, 12, 12]), 8, k=3, stride=2, name="stem"))
+    gate = b.sigmoid(b.conv(b.relu(b.conv(b.global_average_pool(y), 4, k=1, name="squeeze")), 8, k=1, name="excite"))
+    y = b.relu(b.conv(b.op("Mul", [y, gate]), 8, k=3, name="last"))
+    model = b.build(outputs=[b.gemm(b.flatten(b.global_average_pool(y)), 5, name="head")])
+    views = Views("x", (1, 3, 12, 12), arrays=_calibration(40).fit["x"], augment=Augment(mix="none"))
+    probe = QualityProbe(model, _calibration(40).held, "held-out test samples", 64)
+    distiller = Distiller(model, model, views, probe, DistillSettings(steps=1, batch=8))
+    targets = distiller.targets([o.name for o in model.graph.output])
+    last = [n for n in model.graph.node if n.op_type == "GlobalAveragePool"][-1]
+    assert [t.tensor for t in targets if t.role == "features"] == [last.input[0]]
+
+
 def test_the_feature_term_skips_a_pooled_map_the_prune_narrowed():
     def pooled_classifier(width: int) -> onnx.ModelProto:
         b = GraphBuilder(opset=17, seed=0)

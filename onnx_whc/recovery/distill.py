@@ -444,14 +444,17 @@ class Distiller:
     def _inner(self, role: str, taken: set[str]) -> list[str]:
         """4-D tensors the loss reads beside the outputs, where the prune left their shape as the
         original's: for "trunk" the outputs of Adds of two computed tensors (residual joins), for
-        "features" the inputs of global poolings (the last feature maps before a classifier head)."""
+        "features" the inputs of the last global poolings (the feature maps a classifier head reads;
+        a squeeze-and-excitation block's pooling, which a later pooling follows, is not one)."""
         original, student = self._shapes()
         constants = {t.name for t in self.student.graph.initializer}
         if role == "trunk":
             found = [n.output[0] for n in self.student.graph.node
                      if n.op_type == "Add" and len(n.input) == 2 and not set(n.input) & constants]
         else:
-            found = [n.input[0] for n in self.student.graph.node if n.op_type in ("GlobalAveragePool", "GlobalMaxPool")]
+            pools = [n for n in self.student.graph.node if n.op_type in ("GlobalAveragePool", "GlobalMaxPool")]
+            found = [p.input[0] for p in pools
+                     if not any(self._reaches(p.name or p.output[0], q.output[0]) for q in pools if q is not p)]
         return [name for name in dict.fromkeys(found) if name not in taken and len(student.get(name, ())) == 4
                 and original.get(name) == student.get(name)]
 
