@@ -204,10 +204,15 @@ def test_training_gradients_match_finite_differences_of_the_loss(which):
 def _distiller(teacher, damage: float, samples: int, settings: DistillSettings, side: int = 12):
     """The student (`teacher` with noise of `damage` times each weight's std) and its distiller."""
     student = _perturbed(teacher, damage)
+    return student, _distiller_of(teacher, student, samples, settings, side)
+
+
+def _distiller_of(teacher, student, samples: int, settings: DistillSettings, side: int = 12) -> Distiller:
+    """A distiller of `student` towards `teacher` on `samples` random calibration images."""
     calibration = _calibration(samples, side=side)
     probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
     views = Views("x", (1, 3, side, side), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
-    return student, Distiller(teacher, student, views, probe, settings)
+    return Distiller(teacher, student, views, probe, settings)
 
 
 def test_distillation_heals_a_student_and_keeps_its_graph():
@@ -495,9 +500,7 @@ def test_the_feature_term_reads_the_last_pooling_not_a_squeeze_and_excitation_on
     gate = b.sigmoid(b.conv(b.relu(b.conv(b.global_average_pool(y), 4, k=1, name="squeeze")), 8, k=1, name="excite"))
     y = b.relu(b.conv(b.op("Mul", [y, gate]), 8, k=3, name="last"))
     model = b.build(outputs=[b.gemm(b.flatten(b.global_average_pool(y)), 5, name="head")])
-    views = Views("x", (1, 3, 12, 12), arrays=_calibration(40).fit["x"], augment=Augment(mix="none"))
-    probe = QualityProbe(model, _calibration(40).held, "held-out test samples", 64)
-    distiller = Distiller(model, model, views, probe, DistillSettings(steps=1, batch=8))
+    distiller = _distiller_of(model, model, 40, DistillSettings(steps=1, batch=8))
     targets = distiller.targets([o.name for o in model.graph.output])
     last = [n for n in model.graph.node if n.op_type == "GlobalAveragePool"][-1]
     assert [t.tensor for t in targets if t.role == "features"] == [last.input[0]]
@@ -511,11 +514,7 @@ def test_the_feature_term_skips_a_pooled_map_the_prune_narrowed():
 
     teacher, student = pooled_classifier(8), pooled_classifier(6)
     assert [n.input for n in teacher.graph.node] == [n.input for n in student.graph.node]
-    calibration = _calibration(40)
-    views = Views("x", (1, 3, 12, 12), arrays=calibration.fit["x"], augment=Augment(mix="none"))
-    settings = DistillSettings(steps=2, batch=8, features=1.0)
     for model, features in ((teacher, 1), (student, 0)):
-        probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
-        distiller = Distiller(teacher, model, views, probe, settings)
+        distiller = _distiller_of(teacher, model, 40, DistillSettings(steps=2, batch=8, features=1.0))
         distiller.run()
         assert distiller.report.features == features
