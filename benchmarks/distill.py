@@ -67,6 +67,10 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "resnet56-0.549-features": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0}),
     "efficientnet_lite0-0.78-features4": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
                                                                       "features": 4.0}),
+    "resnet56-0.549-features4": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 4.0}),
+    # views of 160×160 (--distill-scale 0.75): a step costs about half, the budget holds twice as many
+    "efficientnet_lite0-0.78-features4-160": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
+                                                                          "features": 4.0, "scale": 0.75}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps

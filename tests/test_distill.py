@@ -231,6 +231,26 @@ def test_distillation_heals_a_student_and_keeps_its_graph():
     assert set(changed) == set(trainable(student))
 
 
+@pytest.mark.parametrize("make", [_classifier, _detector])
+def test_distillation_on_smaller_views_heals_the_model_at_its_size(make):
+    """--distill-scale 0.5: the teacher and the student see 8×8 views of 16×16 samples (the detector's dense
+    output shrinks with them); the held-out checks, and the model returned, are at 16×16."""
+    teacher = make(0) if make is _detector else make(0, side=16)
+    student = _perturbed(teacher, 0.5)
+    side = teacher.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    calibration = _calibration(300, side=side)
+    probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
+    settings = DistillSettings(steps=150, lr=0.01, scale=0.5)
+    healed, report = distill_module.distill(teacher, student, calibration, probe, {"x": (1, 3, side, side)},
+                                            settings)
+    assert report.view_size == [side // 2] * 2 and f"augmented {side // 2}×{side // 2} views" in report.summary()
+    assert report.batch == distill_module.default_batch((1, 3, side, side))  # the input's, not the views'
+    assert report.divergence_after < 0.5 * report.divergence_before, report.curve
+    assert healed.graph.input == student.graph.input and healed.graph.output == student.graph.output
+    out = ort.InferenceSession(healed.SerializeToString()).run(None, {"x": calibration.held["x"][:4]})[0]
+    assert out.shape[2:] == tuple(d.dim_value for d in student.graph.output[0].type.tensor_type.shape.dim)[2:]
+
+
 def test_never_worse_than_the_start():
     """A step far too large ruins every checkpoint: the start comes back, and the summary says so."""
     settings = DistillSettings(steps=12, batch=8, lr=50.0, warmup=0.0)
@@ -406,7 +426,7 @@ def test_prune_with_distillation_reports_it(tmp_path):
                            distill=DistillSettings(steps=6, batch=8))
     assert report.distill["steps"] == 6 and report.distill["views"] == 48
     assert report.distill["before"] is not None and report.distill["after"] >= report.distill["before"]
-    assert "distill: 6 steps, 48 augmented views of" in report.summary()
+    assert "distill: 6 steps, 48 augmented 12×12 views of" in report.summary()
     assert "distill" in json.loads(report.to_json())
     assert "distilled" in report.seconds
 
@@ -438,7 +458,7 @@ def test_cli_prune_and_distill(tmp_path):
                                   "--distill-batch", "8", "--distill-lr", "5e-4", "--distill-mix", "mixup",
                                   "--distill-average", "0.25", "--report", str(report), "-o", str(healed)])
     assert result.exit_code == 0, result.output
-    assert "distill: 3 steps, 24 augmented views" in result.output
+    assert "distill: 3 steps, 24 augmented 12×12 views" in result.output
     written = json.loads(report.read_text())
     assert (written["lr"], written["mix"], written["average"]) == (5e-4, "mixup", 0.25)
     before, after = onnx.load(out), onnx.load(healed)
@@ -504,6 +524,28 @@ def test_the_feature_term_reads_the_last_pooling_not_a_squeeze_and_excitation_on
     targets = distiller.targets([o.name for o in model.graph.output])
     last = [n for n in model.graph.node if n.op_type == "GlobalAveragePool"][-1]
     assert [t.tensor for t in targets if t.role == "features"] == [last.input[0]]
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # the Reduce axes an attribute, then an input
+def test_the_feature_term_reads_a_reduce_mean_pooling_on_its_channel_axis(opset):
+    """A tf2onnx-style head: squeeze-and-excitation by a ReduceMean over NCHW's spatial axes (not taken: its
+    gate scales a map), then the map moved to NHWC and pooled by a ReduceMean over axes 1, 2."""
+    b = GraphBuilder(opset=opset, seed=0)
+
+    def mean(x, axes, keepdims):
+        if opset >= 18:
+            return b.op("ReduceMean", [x, b.const(np.array(axes, np.int64))], keepdims=keepdims)
+        return b.op("ReduceMean", [x], axes=axes, keepdims=keepdims)
+
+    y = b.relu(b.conv(b.input("x", [1, 3, 12, 12]), 8, k=3, stride=2, name="stem"))
+    y = b.op("Mul", [y, b.sigmoid(b.conv(mean(y, [2, 3], 1), 8, k=1, name="excite"))])
+    nhwc = b.op("Transpose", [b.relu(b.conv(y, 7, k=3, name="last"))], perm=[0, 2, 3, 1])
+    model = b.build(outputs=[b.gemm(mean(nhwc, [1, 2], 0), 5, name="head")])
+    distiller = _distiller(model, 0.3, 40, DistillSettings(steps=2, batch=8, features=1.0))[1]
+    targets = [t for t in distiller.targets([o.name for o in model.graph.output]) if t.role == "features"]
+    assert [(t.tensor, t.kind.axis) for t in targets] == [(nhwc, 3)]
+    distiller.run()
+    assert distiller.report.features == 1
 
 
 def test_the_feature_term_skips_a_pooled_map_the_prune_narrowed():

@@ -85,13 +85,13 @@ class Views:
         return np.asarray(img)
 
     def _from_arrays(self, picked: np.ndarray) -> np.ndarray:
-        """Random crops of the samples resized back (bilinear), mirrored at random."""
+        """Random crops of the samples resized to the views' size (bilinear), mirrored at random."""
         axes = (1, 2) if self.channels_last else (2, 3)
         out = np.empty((len(picked), *self.shape[1:]), np.float32)
         for k, i in enumerate(picked):
             sample = np.asarray(self.arrays[i], np.float32)
-            h, w = sample.shape[axes[0] - 1], sample.shape[axes[1] - 1]
-            left, top, width, height = self._box(w, h)
+            left, top, width, height = self._box(sample.shape[axes[1] - 1], sample.shape[axes[0] - 1])
+            h, w = self.size_hw
             rows = top + (np.arange(h) + 0.5) * height / h - 0.5
             cols = left + (np.arange(w) + 0.5) * width / w - 0.5
             view = _bilinear(sample, rows, cols, axes[0] - 1, axes[1] - 1)

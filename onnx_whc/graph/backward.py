@@ -76,19 +76,26 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 
 def with_batch(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    """A copy whose graph inputs have these shapes; outputs get their batch, the rest is inferred again."""
+    """A copy whose graph inputs have these shapes; outputs get their batch, the rest is inferred again (an
+    input resized from its static size leaves the outputs' other sizes unknown)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     batch = int(next(iter(input_shapes.values()))[0])
+    resized = False
     for value in model.graph.input:
         if value.name in input_shapes:
             shape = value.type.tensor_type.shape
+            declared = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+            resized = resized or any(old not in (None, int(new)) for old, new in zip(declared[1:],
+                                                                                     input_shapes[value.name][1:]))
             del shape.dim[:]
             for size in input_shapes[value.name]:
                 shape.dim.add().dim_value = int(size)
     for value in model.graph.output:
         dims = value.type.tensor_type.shape.dim
+        for k, dim in enumerate(dims):
+            if k == 0 or resized:
+                dim.Clear()
         if dims:
-            dims[0].Clear()
             dims[0].dim_value = batch
     del model.graph.value_info[:]
     return model
@@ -112,6 +119,7 @@ class _Node:
     """A forward node as a rule sees it: its inputs and outputs, attributes, and output gradients."""
 
     def __init__(self, proto: onnx.NodeProto, grads: list[str | None], varies: list[bool]):
+        self.proto = proto
         self.name = proto.name or proto.output[0]
         self.op = proto.op_type
         self.ins, self.outs = list(proto.input), list(proto.output)
@@ -551,22 +559,33 @@ def _pad(b, n):
     return {0: g}
 
 
+def reduced_axes(node: onnx.NodeProto, opset: int, rank: int, constant: Callable[[str], np.ndarray | None]
+                 ) -> list[int] | None:
+    """The axes a Reduce* node reduces, non-negative and sorted ([] where it passes its input through);
+    None where they are an input that is not a constant. `constant` gives an initializer's value."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axes_input = opset >= (13 if node.op_type == "ReduceSum" else 18)
+    axes = attrs.get("axes")
+    if axes_input:
+        given = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        axes = constant(given) if given else None
+        if given and axes is None:
+            return None
+    if axes is None or len(axes) == 0:
+        if axes_input and attrs.get("noop_with_empty_axes", 0):
+            return []
+        axes = range(rank)
+    return sorted({int(a) % rank for a in np.ravel(axes)})
+
+
 def _reduce(b, n):
     """ReduceSum, ReduceMean: dY spread back over the reduced axes (divided by their size for a mean)."""
     shape = b.shape(n.x)
-    rank = len(shape)
-    axes_input = b.opset >= (13 if n.op == "ReduceSum" else 18)
-    if axes_input:
-        axes = b.value(n.input(1)) if n.input(1) else None
-        if n.input(1) and axes is None:
-            raise NoGradient("its axes are not constants")
-    else:
-        axes = n.attr("axes")
-    if axes is None or len(axes) == 0:
-        if axes_input and n.attr("noop_with_empty_axes", 0):
-            return {0: n.g}
-        axes = range(rank)
-    axes = sorted({int(a) % rank for a in axes})
+    axes = reduced_axes(n.proto, b.opset, len(shape), b.value)
+    if axes is None:
+        raise NoGradient("its axes are not constants")
+    if not axes:
+        return {0: n.g}
     g = b.reshape(n.g, [1 if i in axes else size for i, size in enumerate(shape)])
     if n.op == "ReduceMean":
         g = b.add("Mul", [g, b.scalar(1 / np.prod([shape[a] for a in axes]))], n.name)

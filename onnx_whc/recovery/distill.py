@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -32,8 +32,8 @@ from ..data.calibration import Calibration, Preprocess
 from ..data.samples import Samples
 from ..data.views import Augment, Joined, Views
 from ..errors import UserInputError
-from ..graph.backward import NoGradient, backpropagate, static_shapes, with_batch
-from ..graph.constants import attribute
+from ..graph.backward import NoGradient, backpropagate, reduced_axes, static_shapes, with_batch
+from ..graph.constants import attribute, constant_arrays
 from ..graph.runtime import best_providers, session
 from ..measure.quality import OutputKind, Quality, QualityProbe
 from ..progress import Meter
@@ -78,6 +78,11 @@ class DistillSettings:
     # minutes: 82.11%, inside the 82.00-82.27% of the runs without it.
     features: float = 1.0
     augment: Augment | None = None  # None: by the outputs' kind (`augment_for`)
+    # Train on views this share of the input's height and width (`view_shape`): a step costs about
+    # its square, so the budget holds more of them; the held-out checks and the returned model run
+    # at the input's size. Training below the test size also undoes random crops' zoom (Touvron et
+    # al., "Fixing the train-test resolution discrepancy", NeurIPS 2019).
+    scale: float = 1.0
     # Also train on the built-in synthetic images (refined by inverting the original where it can
     # be), beside the calibration data: views of classes the user's images may lack.
     synthetic: bool = False
@@ -107,6 +112,7 @@ class DistillReport:
     lr: float = 0.0  # the peak step, as a share of each filter's RMS
     average: float = 0.0  # the weights' moving average's window, as a share of the steps (0: none)
     mix: str = ""  # how two images made one view (Augment.mix)
+    view_size: list[int] = field(default_factory=list)  # height, width of the views trained on
     trained_tensors: int = 0
     trained_values: int = 0  # the values the optimiser moves: one per filter for affine weights
     measure: str = ""  # what the held-out figure is, e.g. "top-1 agreement"
@@ -130,7 +136,8 @@ class DistillReport:
         if self.divergence_before is not None:
             moved += f", {self.divergence} {self.divergence_before:.4f} -> {self.divergence_after:.4f}"
         kept = "" if self.best_step or self.before is None else "; no checkpoint beat the start: the start is returned"
-        line = (f"{self.steps:,} steps, {self.views:,} augmented views of {self.data}, "
+        size = "×".join(map(str, self.view_size))
+        line = (f"{self.steps:,} steps, {self.views:,} augmented {size} views of {self.data}, "
                 f"{_duration(self.seconds)} on {self.provider} ({self.images_per_second:.1f} views/s); {moved}{kept}")
         return line + (f" ({self.note})" if self.note else "")
 
@@ -188,6 +195,17 @@ def default_batch(shape: tuple[int, ...]) -> int:
     return int(np.clip(2 ** round(math.log2(16 * 224 * 224 / pixels)), 8, 64))
 
 
+def view_shape(shape: tuple[int, ...], scale: float, channels_last: bool = False) -> tuple[int, ...]:
+    """The input's shape with its height and width times `scale`: rounded to multiples of 32 where the input's
+    are (strided nets' feature maps then join as at full size), else to whole pixels."""
+    axes = (1, 2) if channels_last else (2, 3)
+    out = list(shape)
+    for axis in axes:
+        side = shape[axis]
+        out[axis] = max(32, 32 * round(side * scale / 32)) if side % 32 == 0 else max(1, round(side * scale))
+    return tuple(out)
+
+
 def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Calibration | None,
             probe: QualityProbe, input_shapes: dict[str, tuple[int, ...]], settings: DistillSettings,
             preprocess: Preprocess | None = None, progress: bool = False,
@@ -219,8 +237,11 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
     if synthetic is not None and len(synthetic):
         arrays = synthetic if arrays is None else Joined(arrays, synthetic)
         data += f" and {len(synthetic):,} built-in synthetic images"
-    views = Views(name, shape, preprocess, paths=paths, arrays=arrays, augment=augment_for(settings, probe.kinds),
-                  seed=settings.seed)
+    if settings.scale != 1:  # the batch the input's size asks for, whatever the views' size
+        settings = replace(settings, batch=settings.batch or default_batch(shape))
+    channels_last = preprocess is not None and preprocess.layout == "NHWC"
+    views = Views(name, view_shape(shape, settings.scale, channels_last), preprocess, paths=paths, arrays=arrays,
+                  augment=augment_for(settings, probe.kinds), seed=settings.seed)
     meter = Meter(progress, f"distilling ({settings.budget})")
     distiller = Distiller(original, student, views, probe, settings, progress=meter, on_checkpoint=on_checkpoint,
                           data=data)
@@ -412,7 +433,8 @@ class Distiller:
         self.input = views.name
         self.report = DistillReport(provider=self.providers[0], batch=self.batch, parameters=settings.parameters,
                                     lr=settings.lr, average=settings.average,
-                                    mix=views.augment.mix, data=data or f"{views.count:,} samples")
+                                    mix=views.augment.mix, view_size=list(views.size_hw),
+                                    data=data or f"{views.count:,} samples")
         self.best_score: float | None = None
         self.best_fit: float | None = None  # the held-out divergence of the best checkpoint
         self.best_values: dict[str, np.ndarray] = {}
@@ -436,27 +458,52 @@ class Distiller:
             targets.append(_Target(tensor, kind))
         taken = {t.tensor for t in targets}
         for role, weight in (("trunk", self.settings.trunks), ("features", self.settings.features)):
-            names = self._inner(role, taken) if weight else []
-            targets += [_Target(n, OutputKind("dense", 1), scale=weight / len(names), role=role) for n in names]
-            taken.update(names)
+            found = self._inner(role, taken) if weight else []
+            targets += [_Target(name, OutputKind("dense", axis), scale=weight / len(found), role=role)
+                        for name, axis in found]
+            taken.update(name for name, _ in found)
         return targets
 
-    def _inner(self, role: str, taken: set[str]) -> list[str]:
-        """4-D tensors the loss reads beside the outputs, where the prune left their shape as the
-        original's: for "trunk" the outputs of Adds of two computed tensors (residual joins), for
-        "features" the inputs of the last global poolings (the feature maps a classifier head reads;
-        a squeeze-and-excitation block's pooling, which a later pooling follows, is not one)."""
+    def _inner(self, role: str, taken: set[str]) -> list[tuple[str, int]]:
+        """(tensor, channel axis) of the 4-D tensors the loss reads beside the outputs, where the prune left
+        their shape as the original's: for "trunk" the outputs of Adds of two computed tensors (residual
+        joins), for "features" the maps the head's global poolings read."""
         original, student = self._shapes()
         constants = {t.name for t in self.student.graph.initializer}
         if role == "trunk":
-            found = [n.output[0] for n in self.student.graph.node
+            found = [(n.output[0], 1) for n in self.student.graph.node
                      if n.op_type == "Add" and len(n.input) == 2 and not set(n.input) & constants]
         else:
-            pools = [n for n in self.student.graph.node if n.op_type in ("GlobalAveragePool", "GlobalMaxPool")]
-            found = [p.input[0] for p in pools
-                     if not any(self._reaches(p.name or p.output[0], q.output[0]) for q in pools if q is not p)]
-        return [name for name in dict.fromkeys(found) if name not in taken and len(student.get(name, ())) == 4
-                and original.get(name) == student.get(name)]
+            found = self._head_poolings(student)
+        kept = {}
+        for name, axis in found:
+            if name not in taken and len(student.get(name, ())) == 4 and original.get(name) == student.get(name):
+                kept.setdefault(name, axis)
+        return list(kept.items())
+
+    def _head_poolings(self, shapes: dict) -> list[tuple[str, int]]:
+        """(map, channel axis) for each global pooling after which no spatial map is computed (the features
+        a classifier's head reads; a squeeze-and-excitation block's pooling, whose gate scales a map, is not
+        one): GlobalAveragePool and GlobalMaxPool, or ReduceMean and ReduceMax over the spatial axes of a
+        4-D map, NCHW's (2, 3) or NHWC's (1, 2)."""
+        graph = self.student.graph
+        opset = next((o.version for o in self.student.opset_import if o.domain in ("", "ai.onnx")), 1)
+        found = []
+        for node in graph.node:
+            if not node.input or len(shapes.get(node.input[0], ())) != 4:
+                continue
+            if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+                axis = 1
+            elif node.op_type in ("ReduceMean", "ReduceMax"):
+                axes = reduced_axes(node, opset, 4, lambda name: constant_arrays(graph, [name]).get(name))
+                axis = {(2, 3): 1, (1, 2): 3}.get(tuple(axes or ()))
+            else:
+                continue
+            spatial = (shapes.get(t, ()) for t in self._computed_from(node.name or node.output[0]))
+            if axis is not None and not any(len(shape) >= 3 and sum(d > 1 for d in shape[1:]) >= 2
+                                            for shape in spatial):
+                found.append((node.input[0], axis))
+        return found
 
     def _shapes(self) -> tuple[dict, dict]:
         """Static shapes at batch 1 of the original's and the student's tensors."""
@@ -473,7 +520,7 @@ class Distiller:
         names = [o.name for o in self.student.graph.output]
         wanted = trainable(self.student)
         targets, train_model, grads = self._training(names, wanted, shape)
-        teacher = self._teacher_model(targets)
+        teacher = with_batch(self._teacher_model(targets), {self.input: shape})  # at the views' size
         teacher_session = session(teacher, self.providers)
         train_session = session(train_model, self.providers, layouts=False)
         self._set_weights(targets, teacher_session)
@@ -598,14 +645,18 @@ class Distiller:
             moved.append(_Target(name, OutputKind("dense", 1)))
         return moved
 
-    def _reaches(self, node_name: str, tensor: str) -> bool:
-        """Whether `tensor` is computed from the output of `node_name`."""
+    def _computed_from(self, node_name: str) -> set[str]:
+        """The tensors computed from the outputs of `node_name` (the graph is in topological order)."""
         node = next(n for n in self.student.graph.node if (n.name or n.output[0]) == node_name)
         reached = set(node.output)
         for n in self.student.graph.node:
             if any(i in reached for i in n.input):
                 reached.update(n.output)
-        return tensor in reached
+        return reached
+
+    def _reaches(self, node_name: str, tensor: str) -> bool:
+        """Whether `tensor` is computed from the output of `node_name`."""
+        return tensor in self._computed_from(node_name)
 
     def _teacher_model(self, targets: list[_Target]) -> onnx.ModelProto:
         model = onnx.ModelProto.FromString(self.original.SerializeToString())
