@@ -197,7 +197,7 @@ def _forward_throughput(model, batch: int, shape: tuple, provider: str, seconds:
 
 def _store(cells: dict, env: dict) -> None:
     rows = [[c["cell"], f"{c['macs_kept']:.3f}", c["images"], c["minutes"], c["distill"]["provider"],
-             f"{c['distill']['images_per_second']:.1f} "
+             f"{c['distill']['images_per_second']:.1f}{_smaller_views(c)} "
              f"({c['distill']['images_per_second'] / c['forward_views_per_second']:.2f} of the forward's)",
              _scores(c["original"]), _scores(c["recovered"]), f"**{_scores(c['distilled'])}**",
              c["distilled"]["eval_images"]] for c in cells.values()]
@@ -209,6 +209,13 @@ def _store(cells: dict, env: dict) -> None:
                 + f"\n\nMachine: {environment_line(env)}.\n")
     write_results("distill", markdown, {"environment": env, "cells": cells})
     _plot(cells)
+
+
+def _smaller_views(cell: dict) -> str:
+    """' at H×W' where the views were smaller than the input (the forward's throughput is at the input's size)."""
+    side = SIDES[CELLS[VARIANTS.get(cell["cell"], (cell["cell"],))[0]][1]]
+    size = cell["distill"].get("view_size") or [side, side]
+    return "" if size == [side, side] else f" at {size[0]}×{size[1]}"
 
 
 def _scores(value) -> str:

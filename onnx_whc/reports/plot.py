@@ -5,13 +5,15 @@ from __future__ import annotations
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (23, 190, 207)]
+           (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127), (0, 0, 128), (128, 0, 0)]
 WIDTH, HEIGHT, MARGIN = 560, 400, 60
+LEGEND_ROW = 14  # the legend goes under the axes, where it covers no curve
 
 
 def line_charts(panels: list[dict], path: str, title: str = "") -> None:
     """Panels side by side; each {"x": label, "y": label, "series": {name: [(x, y), ...]}}."""
-    image = Image.new("RGB", (WIDTH * len(panels), HEIGHT + 30), "white")
+    legend = LEGEND_ROW * max((len(p["series"]) for p in panels), default=0) + 8
+    image = Image.new("RGB", (WIDTH * len(panels), HEIGHT + 30 + legend), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     if title:
@@ -53,7 +55,7 @@ def _panel(draw: ImageDraw.ImageDraw, font, left: int, top: int, panel: dict) ->
             draw.line(pts, fill=colour, width=2)
         for px, py in pts:
             draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-        draw.text((box[0] + 8, box[1] + 6 + 14 * n), f"o {name}", fill=colour, font=font)
+        draw.text((box[0], top + HEIGHT + 2 + LEGEND_ROW * n), f"o {name}", fill=colour, font=font)
 
 
 def _padded(lo: float, hi: float) -> tuple[float, float]:
