@@ -71,6 +71,8 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     # views of 160×160 (--distill-scale 0.75): a step costs about half, the budget holds twice as many
     "efficientnet_lite0-0.78-features4-160": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
                                                                           "features": 4.0, "scale": 0.75}),
+    # the residual joins the prune left whole, beside the outputs (a detector has no pooled features)
+    "yolov8n-0.7-trunks": ("yolov8n-0.7", {"trunks": 1.0}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps
