@@ -68,7 +68,7 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "efficientnet_lite0-0.78-features4": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
                                                                       "features": 4.0}),
     "resnet56-0.549-features4": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 4.0}),
-    # views of 160×160 (--distill-scale 0.75): a step costs about half, the budget holds twice as many
+    # views of 160×160 (--distill-scale 0.75): a step costs about half, the budget holds more of them
     "efficientnet_lite0-0.78-features4-160": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
                                                                           "features": 4.0, "scale": 0.75}),
     # the residual joins the prune left whole, beside the outputs (a detector has no pooled features)

@@ -81,7 +81,9 @@ class DistillSettings:
     # Train on views this share of the input's height and width (`view_shape`): a step costs about
     # its square, so the budget holds more of them; the held-out checks and the returned model run
     # at the input's size. Training below the test size also undoes random crops' zoom (Touvron et
-    # al., "Fixing the train-test resolution discrepancy", NeurIPS 2019).
+    # al., "Fixing the train-test resolution discrepancy", NeurIPS 2019). EfficientNet-Lite0 at 0.778,
+    # 60 minutes at 160×160: 1.7x the steps, held-out KL at 224×224 as low as at full size (0.220
+    # against 0.211), agreement under the start's: no gain, hence off by default.
     scale: float = 1.0
     # Also train on the built-in synthetic images (refined by inverting the original where it can
     # be), beside the calibration data: views of classes the user's images may lack.
