@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import first_line
-from .constants import constant_arrays
+from .constants import constant_arrays, default_opset
 
 MIN_OPSET = 11  # Equal on floats, and Pad, Clip and Split as written here, need 11
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -156,7 +156,7 @@ class _Builder:
 
     def __init__(self, model: onnx.ModelProto, shapes: dict, variable: set[str], types: dict[str, int]):
         self.graph = model.graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.opset = default_opset(model, 1)
         self.shapes, self.variable, self.types = shapes, variable, types
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []  # added to the graph only once every rule succeeded

@@ -1,4 +1,5 @@
-"""The values of a graph's constant tensors (its initializers and its Constant nodes' outputs) and of node attributes."""
+"""The values of a graph's constant tensors (its initializers and its Constant nodes' outputs), of node attributes,
+and of the model's default opset."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from typing import Iterable
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+
+def default_opset(model: onnx.ModelProto, missing: int | None = None) -> int | None:
+    """The version of the default ONNX domain the model imports; `missing` where it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
 
 
 def constant_arrays(graph: onnx.GraphProto, names: Iterable[str]) -> dict[str, np.ndarray]:

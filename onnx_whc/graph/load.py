@@ -24,6 +24,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import UserInputError, first_line
 from . import storage
+from .constants import default_opset
 from .expansions import Expansion, find_expansions
 from .storage import fits_protobuf
 
@@ -190,7 +191,7 @@ def load(source, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Load
     if quantized or _has_integer_conv_weights(model):
         what = ", ".join(quantized) if quantized else "integer Conv weights"
         raise UserInputError(f"the model is quantized ({what}): prune before quantization")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(model)
     if opset is None:
         raise UserInputError("the model imports no default ONNX opset")
     init_names = {t.name for t in model.graph.initializer}

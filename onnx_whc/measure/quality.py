@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph.constants import attribute
+from ..graph.constants import attribute, default_opset
 from ..graph.runtime import run_model
 from .validate import cosine
 
@@ -132,7 +132,7 @@ def _margin(q: OutputQuality) -> float:
 def output_kinds(model: onnx.ModelProto, reference: dict[str, np.ndarray]) -> dict[str, OutputKind]:
     """What each graph output is, from the op that makes it and its shape on `reference`."""
     producers = {name: node for node in model.graph.node for name in node.output}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model, 13)
     kinds = {}
     for name, value in reference.items():
         node = producers.get(name)

@@ -33,7 +33,7 @@ from ..data.samples import Samples
 from ..data.views import Augment, Joined, Views
 from ..errors import UserInputError
 from ..graph.backward import NoGradient, backpropagate, reduced_axes, static_shapes, with_batch
-from ..graph.constants import attribute, constant_arrays
+from ..graph.constants import attribute, constant_arrays, default_opset
 from ..graph.runtime import best_providers, session
 from ..measure.quality import OutputKind, Quality, QualityProbe
 from ..progress import Meter
@@ -322,7 +322,7 @@ def training_model(student: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
             graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     model.ir_version = max(model.ir_version, 4)  # inputs that are not initializers
     shapes = static_shapes(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model, 13)
     seeds, nodes, inits = {}, [], []
     for k, target in enumerate(targets):
         shape = shapes[target.tensor]
@@ -489,7 +489,7 @@ class Distiller:
         one): GlobalAveragePool and GlobalMaxPool, or ReduceMean and ReduceMax over the spatial axes of a
         4-D map, NCHW's (2, 3) or NHWC's (1, 2)."""
         graph = self.student.graph
-        opset = next((o.version for o in self.student.opset_import if o.domain in ("", "ai.onnx")), 1)
+        opset = default_opset(self.student, 1)
         found = []
         for node in graph.node:
             if not node.input or len(shapes.get(node.input[0], ())) != 4:
