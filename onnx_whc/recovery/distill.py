@@ -239,8 +239,7 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
     if synthetic is not None and len(synthetic):
         arrays = synthetic if arrays is None else Joined(arrays, synthetic)
         data += f" and {len(synthetic):,} built-in synthetic images"
-    if settings.scale != 1:  # the batch the input's size asks for, whatever the views' size
-        settings = replace(settings, batch=settings.batch or default_batch(shape))
+    settings = replace(settings, batch=settings.batch or default_batch(shape))  # by the input's size, not the views'
     channels_last = preprocess is not None and preprocess.layout == "NHWC"
     views = Views(name, view_shape(shape, settings.scale, channels_last), preprocess, paths=paths, arrays=arrays,
                   augment=augment_for(settings, probe.kinds), seed=settings.seed)
