@@ -73,6 +73,9 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
                                                                           "features": 4.0, "scale": 0.75}),
     # the residual joins the prune left whole, beside the outputs (a detector has no pooled features)
     "yolov8n-0.7-trunks": ("yolov8n-0.7", {"trunks": 1.0}),
+    # and the class scores matched on their logits by the binary divergence instead of the squared error
+    "yolov8n-0.7-trunks-sigmoid": ("yolov8n-0.7", {"trunks": 1.0, "sigmoid_logits": True}),
+    "yolov8n-0.7-sigmoid": ("yolov8n-0.7", {"sigmoid_logits": True}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps

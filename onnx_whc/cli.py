@@ -123,6 +123,10 @@ _DISTILL_OPTIONS = [
                  show_default=True, metavar="SHARE",
                  help="Train on views this share of the input's height and width (multiples of 32 where the "
                       "input's are): cheaper steps, more of them; the model is checked and written at its size."),
+    click.option("--distill-sigmoid-logits/--no-distill-sigmoid-logits", default=DistillSettings.sigmoid_logits,
+                 show_default=True,
+                 help="Match Sigmoid scores in an output (a detector's class scores) on their logits by the "
+                      "binary KL divergence, instead of the squared error of the probabilities."),
 ]
 
 
@@ -133,8 +137,8 @@ def _distill_options(command):
 
 
 def _distill_settings(duration, seed, provider, distill_steps, distill_batch, distill_parameters, distill_synthetic,
-                      distill_lr, distill_mix, distill_average, distill_features, distill_scale
-                      ) -> DistillSettings | None:
+                      distill_lr, distill_mix, distill_average, distill_features, distill_scale,
+                      distill_sigmoid_logits) -> DistillSettings | None:
     """The settings of the --distill-* options (passed on by name), or None when no budget is given."""
     if duration is None and distill_steps is None:
         return None
@@ -147,7 +151,8 @@ def _distill_settings(duration, seed, provider, distill_steps, distill_batch, di
     augment = None if distill_mix == "auto" else Augment(mix=distill_mix)  # None: by the output's kind
     return DistillSettings(seconds=seconds, steps=distill_steps, batch=distill_batch, parameters=distill_parameters,
                            synthetic=distill_synthetic, lr=distill_lr, augment=augment, average=distill_average,
-                           features=distill_features, scale=distill_scale, seed=seed, provider=provider)
+                           features=distill_features, scale=distill_scale, sigmoid_logits=distill_sigmoid_logits,
+                           seed=seed, provider=provider)
 
 
 def _calibration_options(command):

@@ -71,6 +71,16 @@ def _detector(seed: int = 0) -> onnx.ModelProto:
     return b.build(outputs=[b.op("Mul", [y, scale])])
 
 
+def _scored_detector(seed: int = 0) -> onnx.ModelProto:
+    """A YOLO-style output: box values and Sigmoid class scores (mostly low) joined over the channels."""
+    b = GraphBuilder(opset=17, seed=seed)
+    y = b.conv(b.input("x", [1, 3, 8, 8]), 6, k=3, name="c1")
+    y = b.op("Mul", [y, b.sigmoid(y)])
+    boxes = b.conv(y, 2, k=1, name="box")
+    logits = b.op("Add", [b.conv(y, 3, k=1, name="cls"), b.const(np.full((1, 3, 1, 1), -2.0, np.float32))])
+    return b.build(outputs=[b.op("Concat", [boxes, b.sigmoid(logits)], axis=1)])
+
+
 def _perturbed(model: onnx.ModelProto, amount: float, seed: int = 1) -> onnx.ModelProto:
     """The same graph with noise on every weight of its convs and Gemms: a student to heal."""
     student = onnx.ModelProto.FromString(model.SerializeToString())
@@ -199,6 +209,71 @@ def test_training_gradients_match_finite_differences_of_the_loss(which):
         numeric = (plus - minus) / (2 * eps)
         predicted = sum(float(np.sum(analytic[n] * direction[n])) for n in values)
         assert predicted == pytest.approx(numeric, rel=3e-2, abs=1e-4)
+
+
+def test_sigmoid_scores_train_on_their_logits_by_the_binary_divergence():
+    """The binary KL divergence of sigmoid(logits) from the teacher's probabilities, each channel weighted, beside
+    the box part's squared error: the training model's gradients match finite differences of that loss."""
+    teacher = _scored_detector(0)
+    student = _perturbed(teacher, 0.3)
+    producers = {o: n for n in student.graph.node for o in n.output}
+    boxes, scores = producers[student.graph.output[0].name].input
+    logits = producers[scores].input[0]
+    targets = [_Target(boxes, OutputKind("dense", 1), scale=0.4), _Target(logits, OutputKind("dense", 1), scale=0.6,
+                                                                         role="logits")]
+    shape = (4, 3, 8, 8)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    with_inner = onnx.ModelProto.FromString(teacher.SerializeToString())
+    for name in (boxes, logits):
+        with_inner.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+    _, t_boxes, t_logits = _run(with_inner, x)
+    p = 1 / (1 + np.exp(-t_logits.astype(np.float64)))
+    w_boxes = (1 / t_boxes.var((0, 2, 3))).reshape(1, 2, 1, 1).astype(np.float32)
+    w_scores = np.array([1.0, 3.0, 0.5], np.float32).reshape(1, 3, 1, 1)
+    targets[0].weights, targets[1].weights = w_boxes, w_scores
+    feeds = {"target__0": t_boxes, "weight__0": distill_module._difference_weight(targets[0], t_boxes.size),
+             "target__1": p.astype(np.float32), "weight__1": distill_module._difference_weight(targets[1], p.size)}
+    model, grads = training_model(student, {"x": shape}, targets, list(trainable(student)), 1.0)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer if t.name in grads}
+
+    def loss_at(vals):
+        s_boxes, s_logits = (v.astype(np.float64) for v in sess.run([boxes, logits], {"x": x, **feeds, **vals}))
+        q = 1 / (1 + np.exp(-s_logits))
+        binary = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+        return 0.4 * float(np.mean((s_boxes - t_boxes) ** 2 * w_boxes)) + 0.6 * float(np.mean(binary * w_scores))
+
+    analytic = dict(zip(values, sess.run([grads[n] for n in values], {"x": x, **feeds, **values})))
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        direction = {n: rng.standard_normal(v.shape).astype(np.float32) * (np.std(v) + 1e-3) for n, v in values.items()}
+        eps = 2e-3
+        numeric = (loss_at({n: v + eps * direction[n] for n, v in values.items()})
+                   - loss_at({n: v - eps * direction[n] for n, v in values.items()})) / (2 * eps)
+        predicted = sum(float(np.sum(analytic[n] * direction[n])) for n in values)
+        assert predicted == pytest.approx(numeric, rel=3e-2, abs=1e-5)
+
+
+def test_an_output_of_sigmoid_scores_is_matched_part_by_part():
+    """With `sigmoid_logits`, the Concat's box part keeps the squared error and the scores' logits take the
+    binary divergence, each weighted by its share of the channels; the run heals the scores."""
+    teacher = _scored_detector(0)
+    student = _perturbed(teacher, 0.5)
+    calibration = _calibration(200, side=8)
+    probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
+    views = Views("x", (1, 3, 8, 8), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
+    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=120, lr=0.01, sigmoid_logits=True))
+    output = student.graph.output[0].name
+    producers = {o: n for n in student.graph.node for o in n.output}
+    boxes, scores = producers[output].input
+    found = distiller.targets([output])
+    assert [(t.tensor, t.role, t.scale) for t in found] == [(boxes, "output", 0.4),
+                                                            (producers[scores].input[0], "logits", 0.6)]
+    plain = Distiller(teacher, student, views, probe, DistillSettings(steps=1)).targets([output])
+    assert [(t.tensor, t.role) for t in plain] == [(output, "output")]
+    distiller.run()
+    assert distiller.report.logits == [producers[scores].input[0]] and distiller.report.loss_on == [boxes]
+    assert distiller.report.divergence_after < 0.5 * distiller.report.divergence_before, distiller.report.curve
 
 
 def _distiller(teacher, damage: float, samples: int, settings: DistillSettings, side: int = 12):
@@ -477,6 +552,23 @@ def test_cli_prune_and_distill(tmp_path):
     result = runner.invoke(main, ["distill", str(original), str(out), "--calib", str(calib), "--time", "soon", "-o",
                                   str(healed)])
     assert result.exit_code == 2 and "not a duration" in result.output
+
+
+def test_cli_matches_sigmoid_scores_on_their_logits_when_asked(tmp_path):
+    original, student = tmp_path / "model.onnx", tmp_path / "student.onnx"
+    onnx.save(_scored_detector(0), original)
+    onnx.save(_perturbed(_scored_detector(0), 0.3), student)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    logits = []
+    for flag in ("--distill-sigmoid-logits", "--no-distill-sigmoid-logits"):
+        report = tmp_path / f"{flag}.json"
+        result = CliRunner().invoke(main, ["distill", str(original), str(student), "--calib", str(calib),
+                                           "--distill-steps", "2", flag, "--report", str(report), "-o",
+                                           str(tmp_path / "healed.onnx")])
+        assert result.exit_code == 0, result.output
+        logits.append(json.loads(report.read_text())["logits"])
+    assert len(logits[0]) == 1 and logits[1] == []
 
 
 def test_distill_refuses_a_model_with_other_outputs(tmp_path):

@@ -9,7 +9,9 @@ backward pass written beside it as ONNX nodes by `onnx_whc.graph.backward`) give
 The loss follows each output's kind (`onnx_whc.measure.quality`): for a classifier, the KL
 divergence of temperature-softened outputs (T² · KL, Hinton's scaling); for a dense output, the
 squared error of each channel divided by that channel's variance on the original, so that a
-detector's class scores weigh as much as its box coordinates. Where an op on the way has no
+detector's class scores weigh as much as its box coordinates; optionally (`sigmoid_logits`), a
+Sigmoid's probabilities in an output are matched on their logits by the binary KL divergence
+instead, per channel over the divergence of the channel's mean. Where an op on the way has no
 backward rule, the loss is taken on the tensors it reads instead, and the report says so.
 
 The optimiser is Adam whose step for each weight is scaled by the RMS of its filter's original
@@ -85,6 +87,12 @@ class DistillSettings:
     # 60 minutes at 160×160: 1.7x the steps, held-out KL at 224×224 as low as at full size (0.220
     # against 0.211), agreement under the start's: no gain, hence off by default.
     scale: float = 1.0
+    # Match the probabilities of a Sigmoid that is a dense output, or a part of one joined by a Concat
+    # over the channels (a detector's class scores), on its logits by the binary KL divergence, each
+    # channel over the divergence of its mean (as the squared error is over the variance): its
+    # gradient, the difference of the probabilities, does not vanish where the student's sigmoid
+    # saturates on a score the original gives, as the squared error's does.
+    sigmoid_logits: bool = False
     # Also train on the built-in synthetic images (refined by inverting the original where it can
     # be), beside the calibration data: views of classes the user's images may lack.
     synthetic: bool = False
@@ -128,6 +136,7 @@ class DistillReport:
     loss_on: list[str] = field(default_factory=list)  # tensors the loss is taken on, trunks and features aside
     trunks: int = 0  # residual trunks the loss also reads
     features: int = 0  # pooled feature maps the loss also reads
+    logits: list[str] = field(default_factory=list)  # Sigmoid logits matched by the binary KL divergence
     note: str = ""  # why the loss moved off an output, or why nothing was kept
     images_per_second: float = 0.0
     data: str = ""  # what the views were made from, e.g. "800 calibration images"
@@ -260,9 +269,15 @@ def distill(original: onnx.ModelProto, student: onnx.ModelProto, calibration: Ca
 class _Target:
     tensor: str  # the tensor the loss reads, in the student and in the teacher alike
     kind: OutputKind
-    weights: np.ndarray | None = None  # dense: 1 / channel variance, broadcastable
+    weights: np.ndarray | None = None  # dense: 1 / channel variance (logits: 1 / mean's divergence), broadcastable
     scale: float = 1.0  # the term's weight in the loss
-    role: str = "output"  # or "trunk" (a residual join) or "features" (a map a global pooling reads)
+    # or "trunk" (a residual join), "features" (a map a global pooling reads) or "logits" (a Sigmoid's
+    # input in an output, matched by the binary KL divergence of the probabilities)
+    role: str = "output"
+
+    @property
+    def binary(self) -> bool:
+        return self.role == "logits"
 
 
 @dataclass
@@ -305,7 +320,8 @@ def training_model(student: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
     """The student at a fixed batch with `wrt` as inputs, teacher targets as inputs, and the gradients as outputs.
 
     Inputs `target__<k>` hold, for classifier k, the teacher's probabilities at `temperature`; for a
-    dense target, the teacher's values, and `weight__<k>` 2 / (channel variance · values per batch).
+    dense target, the teacher's values, and `weight__<k>` 2 / (channel variance · values per batch);
+    for logits, the teacher's probabilities, and `weight__<k>` the channels' weights / values per batch.
     Returns the model and wrt name -> gradient output name.
     """
     model = with_batch(student, input_shapes)
@@ -342,7 +358,11 @@ def training_model(student: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
             factor = np.array(temperature / rows, np.float32)  # d(T² KL)/dz = T (p_s - p_t), mean over rows
             inits.append(numpy_helper.from_array(factor, f"weight__{k}"))
         else:
-            nodes.append(helper.make_node("Sub", [target.tensor, feed], [diff]))
+            compared = target.tensor
+            if target.binary:  # d KL(p_t || sigmoid(z)) / dz = sigmoid(z) - p_t
+                compared = f"distill__probability_{k}"
+                nodes.append(helper.make_node("Sigmoid", [target.tensor], [compared]))
+            nodes.append(helper.make_node("Sub", [compared, feed], [diff]))
             weight = [1] * len(shape)
             weight[target.kind.axis] = shape[target.kind.axis]
             graph.input.append(helper.make_tensor_value_info(f"weight__{k}", onnx.TensorProto.FLOAT, weight))
@@ -456,7 +476,10 @@ class Distiller:
                 tensor = node.input[0]
             if kind.kind == "scalar":
                 kind = OutputKind("dense", 1)
-            targets.append(_Target(tensor, kind))
+            if kind.kind == "dense" and self.settings.sigmoid_logits:
+                targets += self._sigmoid_parts(name, kind, producers)
+            else:
+                targets.append(_Target(tensor, kind))
         taken = {t.tensor for t in targets}
         for role, weight in (("trunk", self.settings.trunks), ("features", self.settings.features)):
             found = self._inner(role, taken) if weight else []
@@ -464,6 +487,27 @@ class Distiller:
                         for name, axis in found]
             taken.update(name for name, _ in found)
         return targets
+
+    def _sigmoid_parts(self, name: str, kind: OutputKind, producers: dict) -> list[_Target]:
+        """A dense output's targets where a Sigmoid computes it, or some of the parts a Concat over its
+        channels joins: the logits of those, each part weighted by its share of the channels."""
+        node = producers.get(name)
+        if node is not None and node.op_type == "Sigmoid":
+            return [_Target(node.input[0], kind, role="logits")]
+        shapes = self._shapes()[1]
+        rank = len(shapes.get(name, ()))
+        if node is None or node.op_type != "Concat" or not rank or attribute(node, "axis") % rank != kind.axis % rank:
+            return [_Target(name, kind)]
+        channels = shapes[name][kind.axis]
+        parts = []
+        for part in node.input:
+            if len(shapes.get(part, ())) != rank:
+                return [_Target(name, kind)]
+            share = shapes[part][kind.axis] / channels
+            source = producers.get(part)
+            parts.append(_Target(source.input[0], kind, scale=share, role="logits")
+                         if source is not None and source.op_type == "Sigmoid" else _Target(part, kind, scale=share))
+        return parts if any(t.binary for t in parts) else [_Target(name, kind)]
 
     def _inner(self, role: str, taken: set[str]) -> list[tuple[str, int]]:
         """(tensor, channel axis) of the 4-D tensors the loss reads beside the outputs, where the prune left
@@ -529,6 +573,7 @@ class Distiller:
         self.report.trained_tensors = len(params)
         self.report.trained_values = int(sum(p.first.size for p in params))  # affine: the filters' scales
         self.report.loss_on = [t.tensor for t in targets if t.role == "output"]
+        self.report.logits = [t.tensor for t in targets if t.binary]
         self.report.trunks = sum(t.role == "trunk" for t in targets)
         self.report.features = sum(t.role == "features" for t in targets)
         self.report.images = self.views.count
@@ -545,7 +590,7 @@ class Distiller:
             for k, (target, value) in enumerate(zip(targets, teacher_out)):
                 feeds[f"target__{k}"] = self._target_feed(target, value)
                 if target.kind.kind != "classifier":
-                    feeds[f"weight__{k}"] = 2 * target.scale * target.weights / value.size
+                    feeds[f"weight__{k}"] = _difference_weight(target, value.size)
             feeds.update({p.name: p.value for p in params})
             outs = train_session.run(fetch, feeds)
             fed = [feeds[f"target__{k}"] for k in range(len(targets))]
@@ -678,14 +723,20 @@ class Distiller:
             values = np.concatenate([run[k] for run in samples])
             axis = target.kind.axis % values.ndim
             moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-            var = moved.var(1)
-            floor = max(float(var.max()) * 1e-6, 1e-12)
+            if target.binary:  # the divergence of the channel's mean: what the variance is to the squared error
+                p = _sigmoid(moved)
+                spread = _binary_kl(p, p.mean(1, keepdims=True)).mean(1)
+            else:
+                spread = moved.var(1)
+            floor = max(float(spread.max()) * 1e-6, 1e-12)
             shape = [1] * values.ndim
             shape[axis] = -1
-            target.weights = (1.0 / np.maximum(var, floor)).astype(np.float32).reshape(shape)
+            target.weights = (1.0 / np.maximum(spread, floor)).astype(np.float32).reshape(shape)
 
 
     def _target_feed(self, target: _Target, value: np.ndarray) -> np.ndarray:
+        if target.binary:
+            return _sigmoid(value.astype(np.float32))
         if target.kind.kind != "classifier":
             return np.ascontiguousarray(value, np.float32)
         scaled = value.astype(np.float32) / self.settings.temperature
@@ -703,6 +754,8 @@ class Distiller:
                 log_q = log_q - np.log(np.exp(log_q).sum(axis, keepdims=True))
                 kl = (p * (np.log(np.maximum(p, 1e-30)) - log_q)).sum(axis)
                 total += float(temp * temp * kl.mean())
+            elif target.binary:
+                total += target.scale * float(np.mean(_binary_kl(t, _sigmoid(s)) * target.weights))
             else:
                 total += target.scale * float(np.mean((s - t) ** 2 * target.weights))
         return total
@@ -757,6 +810,24 @@ def _score(quality: Quality) -> tuple[float | None, str]:
     metrics = sorted({q.metric for q in rated})
     name = {"agreement": "top-1 agreement", "r2": "mean R²", "match": "exact match"}
     return float(np.mean([q.value for q in rated])), " and ".join(name[m] for m in metrics)
+
+
+def _difference_weight(target: _Target, values: int) -> np.ndarray:
+    """What multiplies a dense target's difference (the student's minus the teacher's, probabilities for
+    logits) into the loss's gradient, for a batch of `values` values: the squared error's derivative
+    doubles it, the binary divergence's is the difference itself."""
+    return (1 if target.binary else 2) * target.scale * target.weights / values
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (0.5 * (1 + np.tanh(0.5 * z))).astype(z.dtype)  # no overflow for large |z|
+
+
+def _binary_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(Bernoulli(p) || Bernoulli(q)), elementwise."""
+    p, q = p.astype(np.float64), np.clip(q.astype(np.float64), 1e-12, 1 - 1e-12)
+    return (np.where(p > 0, p * np.log(np.maximum(p, 1e-300) / q), 0)
+            + np.where(p < 1, (1 - p) * np.log(np.maximum(1 - p, 1e-300) / (1 - q)), 0))
 
 
 def _weights(params: list[_Parameter]) -> dict[str, np.ndarray]:
