@@ -91,7 +91,9 @@ class DistillSettings:
     # over the channels (a detector's class scores), on its logits by the binary KL divergence, each
     # channel over the divergence of its mean (as the squared error is over the variance): its
     # gradient, the difference of the probabilities, does not vanish where the student's sigmoid
-    # saturates on a score the original gives, as the squared error's does.
+    # saturates on a score the original gives, as the squared error's does. The YOLOv8n at 0.695, 60
+    # minutes: class R² 0.756 against 0.717 (0.790 against 0.713 with the trunk term), but 65% of the
+    # detections kept with 33% extra against 71% and 27% (67%/33% against 75%/24%): off by default.
     sigmoid_logits: bool = False
     # Also train on the built-in synthetic images (refined by inverting the original where it can
     # be), beside the calibration data: views of classes the user's images may lack.
