@@ -201,14 +201,19 @@ def test_training_gradients_match_finite_differences_of_the_loss(which):
         return _loss(targets, outs, teacher_outs, temperature, weights)
 
     analytic = dict(zip(values, sess.run([grads[n] for n in values], {"x": x, **feeds, **values})))
+    _assert_directional_derivatives(values, analytic, loss_at, rng, absolute=1e-4)
+
+
+def _assert_directional_derivatives(values: dict, analytic: dict, loss_at, rng, absolute: float) -> None:
+    """The analytic gradients against central differences of `loss_at` along three random directions of
+    every weight at once."""
     for _ in range(3):
         direction = {n: rng.standard_normal(v.shape).astype(np.float32) * (np.std(v) + 1e-3) for n, v in values.items()}
         eps = 2e-3
         plus = loss_at({n: v + eps * direction[n] for n, v in values.items()})
         minus = loss_at({n: v - eps * direction[n] for n, v in values.items()})
-        numeric = (plus - minus) / (2 * eps)
         predicted = sum(float(np.sum(analytic[n] * direction[n])) for n in values)
-        assert predicted == pytest.approx(numeric, rel=3e-2, abs=1e-4)
+        assert predicted == pytest.approx((plus - minus) / (2 * eps), rel=3e-2, abs=absolute)
 
 
 def test_sigmoid_scores_train_on_their_logits_by_the_binary_divergence():
@@ -244,14 +249,7 @@ def test_sigmoid_scores_train_on_their_logits_by_the_binary_divergence():
         return 0.4 * float(np.mean((s_boxes - t_boxes) ** 2 * w_boxes)) + 0.6 * float(np.mean(binary * w_scores))
 
     analytic = dict(zip(values, sess.run([grads[n] for n in values], {"x": x, **feeds, **values})))
-    rng = np.random.default_rng(3)
-    for _ in range(3):
-        direction = {n: rng.standard_normal(v.shape).astype(np.float32) * (np.std(v) + 1e-3) for n, v in values.items()}
-        eps = 2e-3
-        numeric = (loss_at({n: v + eps * direction[n] for n, v in values.items()})
-                   - loss_at({n: v - eps * direction[n] for n, v in values.items()})) / (2 * eps)
-        predicted = sum(float(np.sum(analytic[n] * direction[n])) for n in values)
-        assert predicted == pytest.approx(numeric, rel=3e-2, abs=1e-5)
+    _assert_directional_derivatives(values, analytic, loss_at, np.random.default_rng(3), absolute=1e-5)
 
 
 def test_an_output_of_sigmoid_scores_is_matched_part_by_part():
