@@ -256,18 +256,15 @@ def test_an_output_of_sigmoid_scores_is_matched_part_by_part():
     """With `sigmoid_logits`, the Concat's box part keeps the squared error and the scores' logits take the
     binary divergence, each weighted by its share of the channels; the run heals the scores."""
     teacher = _scored_detector(0)
-    student = _perturbed(teacher, 0.5)
-    calibration = _calibration(200, side=8)
-    probe = QualityProbe(teacher, calibration.held, "held-out test samples", 64)
-    views = Views("x", (1, 3, 8, 8), arrays=calibration.fit["x"], augment=Augment(mix="none"), seed=0)
-    distiller = Distiller(teacher, student, views, probe, DistillSettings(steps=120, lr=0.01, sigmoid_logits=True))
+    student, distiller = _distiller(teacher, 0.5, 200, DistillSettings(steps=120, lr=0.01, sigmoid_logits=True),
+                                    side=8)
     output = student.graph.output[0].name
     producers = {o: n for n in student.graph.node for o in n.output}
     boxes, scores = producers[output].input
     found = distiller.targets([output])
     assert [(t.tensor, t.role, t.scale) for t in found] == [(boxes, "output", 0.4),
                                                             (producers[scores].input[0], "logits", 0.6)]
-    plain = Distiller(teacher, student, views, probe, DistillSettings(steps=1)).targets([output])
+    plain = Distiller(teacher, student, distiller.views, distiller.probe, DistillSettings(steps=1)).targets([output])
     assert [(t.tensor, t.role) for t in plain] == [(output, "output")]
     distiller.run()
     assert distiller.report.logits == [producers[scores].input[0]] and distiller.report.loss_on == [boxes]
