@@ -76,6 +76,14 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     # and the class scores matched on their logits by the binary divergence instead of the squared error
     "yolov8n-0.7-trunks-sigmoid": ("yolov8n-0.7", {"trunks": 1.0, "sigmoid_logits": True}),
     "yolov8n-0.7-sigmoid": ("yolov8n-0.7", {"sigmoid_logits": True}),
+    # the classifier's outputs matched unsoftened (Beyer et al. distil at temperature 1), and softer
+    "resnet56-0.549-t1": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "temperature": 1.0}),
+    "resnet56-0.549-t4": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "temperature": 4.0}),
+    # each weight pulled back toward its start (L2-SP): the held-out divergence stops falling after a
+    # third of the budget while the training loss goes on falling
+    "resnet56-0.549-anchor5": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "anchor": 5.0}),
+    # the best detector run again on other views: how far its two detections more are noise
+    "yolov8n-0.7-trunks-seed1": ("yolov8n-0.7", {"trunks": 1.0, "seed": 1}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps

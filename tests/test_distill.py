@@ -420,6 +420,31 @@ def test_the_checks_and_the_returned_model_take_the_moving_average_of_the_weight
         assert not np.allclose(after[name], last[name])
 
 
+def test_the_anchor_pulls_each_weight_back_toward_its_start(monkeypatch):
+    """With `anchor`, each step takes lr × anchor of a weight's distance from its start: under a constant push of
+    one per step, the distance follows d <- (d + 1)(1 - lr × anchor)."""
+    settings = DistillSettings(steps=20, batch=8, lr=0.05, anchor=10.0, evaluations=1)
+    student, distiller = _distiller(_classifier(0), 0.3, 60, settings)
+    distiller._evaluate = lambda params, step, seconds, loss: (float(step), None)  # the last check is the best
+    rates = []
+
+    def pushing(p, grad, lr, step):
+        p.value += 1.0
+        rates.append(lr)
+
+    monkeypatch.setattr(distill_module, "_adam", pushing)
+    healed = distiller.run()
+    start = {t.name: numpy_helper.to_array(t) for t in student.graph.initializer}
+    trained = trainable(student)
+    distance = 0.0
+    for lr in rates[::len(trained)]:
+        distance = (distance + 1.0) * (1 - lr * settings.anchor)
+    assert len(rates) == 20 * len(trained) and distance < 0.5 * 20  # without the pull: 20
+    for t in healed.graph.initializer:
+        if t.name in trained:
+            np.testing.assert_allclose(numpy_helper.to_array(t) - start[t.name], distance, rtol=1e-4)
+
+
 def test_an_op_without_a_rule_moves_the_loss_to_what_it_reads():
     b = GraphBuilder(opset=17, seed=0)
     x = b.input("x", [1, 3, 8, 8])

@@ -65,7 +65,9 @@ class DistillSettings:
     # 3e-2 diverges. EfficientNet-Lite0 at 2e-3 fell from 80.2% to 66.4% in its first 39 steps; at
     # 3e-4 for 60 minutes it and the YOLOv8n fell less early on but ended no better than at 1e-3.
     lr: float = 1e-3
-    temperature: float = 2.0  # classifiers' softening
+    # Classifiers' softening. ResNet-56 at 0.549 of the MACs, 20 minutes with cutmix: 1 gave 81.64%
+    # top-1 (the lowest held-out KL, 0.271, of any run), 4 81.96%, 2 82.00-82.27% (four runs).
+    temperature: float = 2.0
     parameters: str = "all"  # all kept weights, or "affine": one scale per filter and the biases
     evaluations: int = 12  # held-out checks over the budget
     # Weight of a term on the residual trunks (the outputs of the Adds joining residual branches,
@@ -102,6 +104,12 @@ class DistillSettings:
     # The held-out checks score, and the returned model takes, an exponential moving average of the
     # weights over about this share of the budget's steps (0: the weights as trained).
     average: float = 0.0
+    # Pull each weight back toward its value before training, apart from Adam (AdamW's decay, but
+    # toward the start: L2-SP, Li et al., ICML 2018): each step takes lr × anchor of its distance
+    # from the start, so where the loss keeps pushing, a weight settles within about 1 / anchor of
+    # its filter's RMS. ResNet-56 at 0.549, 20 minutes with cutmix: at 5, 81.66% top-1 and held-out
+    # KL 0.312, against 82.00-82.27% and 0.283-0.299 without: 0, no pull.
+    anchor: float = 0.0
     seed: int = 0
     provider: str | None = None
 
@@ -292,6 +300,7 @@ class _Parameter:
     first: np.ndarray = None
     second: np.ndarray = None
     average: np.ndarray | None = None  # the moving average of `value` (DistillSettings.average)
+    start: np.ndarray | None = None  # the value before training (DistillSettings.anchor)
 
 
 def trainable(model: onnx.ModelProto) -> dict[str, int | None]:
@@ -601,6 +610,8 @@ class Distiller:
             lr, decay = s.lr * _schedule(progress, s.warmup), _decay(s.average, step, progress)
             for p, grad in zip(params, outs[:len(params)]):
                 _adam(p, grad, lr, step)
+                if p.start is not None:
+                    p.value -= (lr * s.anchor) * (p.value - p.start)
                 if p.average is not None:
                     p.average *= decay
                     p.average += (1 - decay) * p.value
@@ -771,7 +782,8 @@ class Distiller:
             affine = self.settings.parameters == "affine" and axis is not None
             moment = np.zeros_like(value) if not affine else np.zeros(_filter_shape(value, axis), np.float32)
             params.append(_Parameter(name, value.copy(), _rms_scale(value, axis), axis, affine, moment,
-                                     moment.copy(), value.copy() if self.settings.average else None))
+                                     moment.copy(), value.copy() if self.settings.average else None,
+                                     value.copy() if self.settings.anchor else None))
         return params
 
     def _with_values(self, values: dict[str, np.ndarray]) -> onnx.ModelProto:
