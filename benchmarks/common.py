@@ -46,9 +46,13 @@ def environment() -> dict:
     }
 
 
-def environment_line(env: dict) -> str:
+def machine_line(env: dict) -> str:
     return (f"{env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, "
-            f"Python {env['python']}; 1-min load average {env['load_average_1min']} at the start ({env['date']})")
+            f"Python {env['python']}")
+
+
+def environment_line(env: dict) -> str:
+    return f"{machine_line(env)}; 1-min load average {env['load_average_1min']} at the start ({env['date']})"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

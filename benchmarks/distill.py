@@ -29,7 +29,7 @@ from onnx_whc.data.views import Augment
 from onnx_whc.graph.runtime import session
 from onnx_whc.recovery.distill import DistillSettings
 
-from .common import RESULTS, SHARED, environment, environment_line, markdown_table, write_results
+from .common import RESULTS, SHARED, environment, machine_line, markdown_table, write_results
 from .datasets import accuracy, load_split
 
 # name: (model, data set, MACs budget or None for --ratio 0.4 without --calib, minutes, images, preset)
@@ -87,6 +87,9 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     # crops of at least half the image instead of a quarter: a 32×32 image's quarter is 16×16 blown up
     # to twice its size, a view unlike any the eval split holds
     "resnet56-0.549-crop50": ("resnet56-0.549", {"augment": Augment(mix="cutmix", scale=(0.5, 1.0)), "features": 1.0}),
+    # the 27 residual joins, all left whole by the prune, beside the logits: more of the teacher's answer
+    # per view where the images are few
+    "resnet56-0.549-trunks": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "trunks": 1.0}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps
@@ -222,9 +225,17 @@ def _store(cells: dict, env: dict) -> None:
                 "images (held-out samples choose the checkpoint); top-1 on the eval split.\n\n"
                 + markdown_table(["cell", "MACs kept", "training images", "minutes", "provider", "training views/s",
                                   "original", "least squares", "distilled", "eval images"], rows)
-                + f"\n\nMachine: {environment_line(env)}.\n")
+                + "\n\n" + _machines(cells) + "\n")
     write_results("distill", markdown, {"environment": env, "cells": cells})
     _plot(cells)
+
+
+def _machines(cells: dict) -> str:
+    """Which machine ran which cells: steps within the minutes, and so the results, depend on it."""
+    runs: dict[str, list[str]] = {}
+    for name, cell in cells.items():
+        runs.setdefault(machine_line(cell["environment"]), []).append(name)
+    return "\n".join(f"Measured on {machine}: {', '.join(names)}." for machine, names in runs.items())
 
 
 def _smaller_views(cell: dict) -> str:
@@ -275,7 +286,7 @@ def main() -> None:
     env = environment()
     for name in args.cells.split(","):
         cell = run_cell(name, args.minutes, args.provider)
-        cells[name] = cell
+        cells[name] = {**cell, "environment": env}
         print(json.dumps({k: v for k, v in cell.items() if k not in ("curve", "distill")}), flush=True)
         _store(cells, env)
 
