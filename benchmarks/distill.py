@@ -90,6 +90,9 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     # the 27 residual joins, all left whole by the prune, beside the logits: more of the teacher's answer
     # per view where the images are few
     "resnet56-0.549-trunks": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "trunks": 1.0}),
+    # the teacher's answer averaged with its answer on the mirror image: a target that treats both sides alike
+    "resnet56-0.549-mirrored": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0,
+                                                   "mirrored_teacher": True}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps

@@ -16,6 +16,7 @@ from onnx_whc.cli import main
 from onnx_whc.data.calibration import Calibration, Preprocess
 from onnx_whc.data.samples import Samples
 from onnx_whc.data.views import Augment, Joined, Views
+from onnx_whc.graph.backward import with_batch
 from onnx_whc.measure.quality import OutputKind, QualityProbe, divergence
 from onnx_whc.recovery import distill as distill_module
 from onnx_whc.recovery.distill import (
@@ -443,6 +444,26 @@ def test_the_anchor_pulls_each_weight_back_toward_its_start(monkeypatch):
     for t in healed.graph.initializer:
         if t.name in trained:
             np.testing.assert_allclose(numpy_helper.to_array(t) - start[t.name], distance, rtol=1e-4)
+
+
+def test_a_mirrored_teacher_answers_a_view_and_its_mirror_image_alike():
+    """Averaged with its answer on the mirror image, the teacher's logits are the same for a view and its
+    mirror, and its pooled map (the feature term's target) is mirrored with the view."""
+    student, distiller = _distiller(_classifier(0, softmax=False), 0.3, 40,
+                                    DistillSettings(steps=1, batch=4, mirrored_teacher=True))
+    targets = distiller.targets([o.name for o in student.graph.output])
+    assert sorted(t.role for t in targets) == ["features", "output"]
+    teacher = with_batch(distiller._teacher_model(targets), {"x": (4, 3, 12, 12)})
+    teacher_session = ort.InferenceSession(teacher.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    mirror = np.ascontiguousarray(x[..., ::-1])
+    answers = dict(zip((t.role for t in targets), distiller._teach(teacher_session, targets, x)))
+    mirrored = dict(zip((t.role for t in targets), distiller._teach(teacher_session, targets, mirror)))
+    np.testing.assert_allclose(answers["output"], mirrored["output"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answers["features"], mirrored["features"][..., ::-1], rtol=1e-5, atol=1e-5)
+    # the teacher alone tells a view from its mirror image: the equalities above are the averaging's
+    logits = next(t.tensor for t in targets if t.role == "output")
+    assert not np.allclose(*(teacher_session.run([logits], {"x": v})[0] for v in (x, mirror)), atol=1e-3)
 
 
 def test_an_op_without_a_rule_moves_the_loss_to_what_it_reads():
