@@ -352,7 +352,15 @@ CONVS = {
     "SAME_UPPER": ((1, 3, 7, 7), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
     "SAME_LOWER": ((1, 3, 6, 6), (2, 3, 4, 4), {"auto_pad": "SAME_LOWER"}),
     "VALID, rectangular": ((1, 3, 6, 7), (2, 3, 2, 3), {"auto_pad": "VALID", "strides": [1, 2]}),
+    # fewer filters than input channels at stride 1: dW from dY's windows
+    "fewer filters": ((2, 5, 6, 6), (2, 5, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "fewer filters, dilation 2, asymmetric pads": ((1, 4, 9, 8), (2, 4, 3, 3), {"dilations": [2, 2],
+                                                                               "pads": [2, 0, 1, 3]}),
+    "fewer filters, grouped": ((2, 6, 6, 6), (4, 3, 3, 3), {"group": 2, "pads": [0, 1, 1, 0]}),
+    "fewer filters, rectangular": ((2, 4, 6, 7), (3, 4, 2, 3), {"pads": [0, 1, 1, 1]}),
+    "fewer filters, 1-D": ((2, 4, 9), (2, 4, 3), {"pads": [1, 2]}),
 }
+FROM_GRAD_WINDOWS = [case for case in CONVS if case.startswith("fewer filters")]
 
 
 @pytest.mark.parametrize("case", CONVS)
@@ -368,6 +376,16 @@ def test_conv_weight_gradient_as_a_conv_where_the_unfolded_input_would_be_too_la
     monkeypatch.setattr(backward, "IM2COL_VALUES", 0)
     x_shape, w_shape, attrs = CONVS[case]
     _check(*_single("Conv", [("x", _normal(x_shape)), ("w", _normal(w_shape, 0.5, seed=1))], **attrs))
+
+
+@pytest.mark.parametrize("case", FROM_GRAD_WINDOWS)
+def test_conv_weight_gradient_from_the_gradient_windows_where_the_filters_are_fewer(case, monkeypatch):
+    calls = []
+    unfold = backward._conv_weight_grad_from_grad_windows
+    monkeypatch.setattr(backward, "_conv_weight_grad_from_grad_windows", lambda *a: calls.append(a) or unfold(*a))
+    x_shape, w_shape, attrs = CONVS[case]
+    _check(*_single("Conv", [("x", _normal(x_shape)), ("w", _normal(w_shape, 0.5, seed=1))], **attrs))
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("case", ["stride 2", "depthwise", "depthwise, stride 1", "pads wider than the kernel", "1-D"])
