@@ -113,6 +113,7 @@ class DistillSettings:
     # The teacher answers each view by the mean of its answers on the view and on its mirror image (a
     # map's answer mirrored back): a target that treats both sides alike, for the many views of few
     # images. Costs a second teacher pass a step. Classifiers only (logits, and maps like the pooled one).
+    # ResNet-56 at 0.549, 20 minutes with cutmix: 81.67% top-1 against 82.00-82.27% without: off.
     mirrored_teacher: bool = False
     seed: int = 0
     provider: str | None = None
