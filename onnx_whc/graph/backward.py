@@ -875,17 +875,14 @@ def _conv_weight_grad(b, x: str, g: str, in_shape, out_shape, kernel, strides, d
            for size, out, k, s, d, p in zip(in_shape[2:], out_shape[2:], kernel, strides, dilations, begin)]
     if offsets * channels * batch * positions > IM2COL_VALUES or (per_group == 1 and offsets > 9):
         return _conv_weight_grad_as_conv(b, x, g, in_shape, out_shape, kernel, strides, dilations, begin, end, group)
-    reach = [(k - 1) * d for k, d in zip(kernel, dilations)]
     if offsets > 1 and filters_per_group < per_group and max(strides) == 1 and \
-            all(p <= r and q <= r for p, q, r in zip(begin, end, reach)):
+            all(p <= (k - 1) * d and q <= (k - 1) * d for p, q, k, d in zip(begin, end, kernel, dilations)):
         return _conv_weight_grad_from_grad_windows(b, x, g, in_shape, out_shape, kernel, dilations, begin, end, group)
     if offsets == 1 and list(in_shape[2:]) == list(out_shape[2:]) and not any(begin):
         windows = x  # a pointwise kernel at stride 1 reads the input as it is
     else:
-        dtype = helper.tensor_dtype_to_np_dtype(b.types.get(x, onnx.TensorProto.FLOAT))
-        one_hot = b.const(np.eye(offsets, dtype=dtype).reshape(offsets, 1, *kernel), "offsets")
         planes = b.reshape(x, [batch * channels, 1, *in_shape[2:]])
-        windows = b.add("Conv", [planes, one_hot], "windows", kernel_shape=list(kernel), strides=list(strides),
+        windows = b.add("Conv", [planes, _one_hot_kernels(b, x, kernel)], "windows", kernel_shape=list(kernel), strides=list(strides),
                         dilations=list(dilations), pads=list(begin) + end)
         reach = [(size + p + q - (k - 1) * d - 1) // s + 1
                  for size, k, s, d, p, q in zip(in_shape[2:], kernel, strides, dilations, begin, end)]
@@ -899,6 +896,17 @@ def _conv_weight_grad(b, x: str, g: str, in_shape, out_shape, kernel, strides, d
     return b.reshape(product, [filters, per_group, *kernel])
 
 
+def _one_hot_kernels(b, like: str, kernel, flipped: bool = False) -> str:
+    """Conv kernels (offsets, 1, *kernel) in `like`'s type, each copying one kernel offset: a Conv of single
+    planes with them unfolds their windows; `flipped`, each offset mirrored (for the adjoint's windows)."""
+    dtype = helper.tensor_dtype_to_np_dtype(b.types.get(like, onnx.TensorProto.FLOAT))
+    offsets = int(np.prod(kernel))
+    one_hot = np.eye(offsets, dtype=dtype).reshape(offsets, 1, *kernel)
+    if flipped:
+        one_hot = np.ascontiguousarray(one_hot[(..., *[slice(None, None, -1)] * len(kernel))])
+    return b.const(one_hot, "offsets")
+
+
 def _conv_weight_grad_from_grad_windows(b, x: str, g: str, in_shape, out_shape, kernel, dilations, begin, end,
                                         group: int) -> str:
     """dW of a stride-1 Conv with fewer filters than input channels (per group), from dY's windows, fewer
@@ -908,14 +916,12 @@ def _conv_weight_grad_from_grad_windows(b, x: str, g: str, in_shape, out_shape, 
     A ResNet-56 pruned to 0.549 of its MACs has such a Conv in every block.
     """
     batch, channels = in_shape[:2]
-    filters, spatial = out_shape[1], len(kernel)
+    filters = out_shape[1]
     offsets, positions = int(np.prod(kernel)), int(np.prod(in_shape[2:]))
     per_group, filters_per_group = channels // group, filters // group
-    dtype = helper.tensor_dtype_to_np_dtype(b.types.get(x, onnx.TensorProto.FLOAT))
-    one_hot = np.eye(offsets, dtype=dtype).reshape(offsets, 1, *kernel)[(..., *[slice(None, None, -1)] * spatial)]
     reach = [(k - 1) * d for k, d in zip(kernel, dilations)]
     planes = b.reshape(g, [batch * filters, 1, *out_shape[2:]])
-    windows = b.add("Conv", [planes, b.const(np.ascontiguousarray(one_hot), "offsets")], "grad_windows",
+    windows = b.add("Conv", [planes, _one_hot_kernels(b, x, kernel, flipped=True)], "grad_windows",
                     kernel_shape=list(kernel), dilations=list(dilations),
                     pads=[r - p for r, p in zip(reach, begin)] + [r - q for r, q in zip(reach, end)])
     windows = b.reshape(windows, [batch, group, filters_per_group * offsets, positions])
