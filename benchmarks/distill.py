@@ -41,6 +41,8 @@ CELLS = {
     "efficientnet_lite0-0.78": ("efficientnet_lite0_imagenet.onnx", "imagenet", 0.78, 60, "calib", "inception"),
     "yolov8n-0.7": ("yolov8n_nudenet.onnx", "yolo", 0.7, 60, "calib", "yolo"),
 }
+# a classifier's defaults since the pooled feature-map term: cutmix, and that term at weight 1
+CLASSIFIER_DEFAULTS = {"augment": Augment(mix="cutmix"), "features": 1.0}
 VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the default)
     "resnet56-0.549-affine": ("resnet56-0.549", {"parameters": "affine"}),
     # the built-in synthetic images beside the calib images
@@ -62,9 +64,8 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "yolov8n-0.7-cutmix": ("yolov8n-0.7", {"augment": Augment(mix="cutmix")}),
     "resnet56-0.549-cutmix-lr2e-3": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "lr": 2e-3}),
     # a term on the feature maps the global pooling reads, beside the logits (MiR)
-    "efficientnet_lite0-0.78-features": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
-                                                                     "features": 1.0}),
-    "resnet56-0.549-features": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0}),
+    "efficientnet_lite0-0.78-features": ("efficientnet_lite0-0.78", CLASSIFIER_DEFAULTS),
+    "resnet56-0.549-features": ("resnet56-0.549", CLASSIFIER_DEFAULTS),
     "efficientnet_lite0-0.78-features4": ("efficientnet_lite0-0.78", {"augment": Augment(mix="cutmix"),
                                                                       "features": 4.0}),
     "resnet56-0.549-features4": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 4.0}),
@@ -77,28 +78,28 @@ VARIANTS = {  # name: (the cell it varies, DistillSettings fields other than the
     "yolov8n-0.7-trunks-sigmoid": ("yolov8n-0.7", {"trunks": 1.0, "sigmoid_logits": True}),
     "yolov8n-0.7-sigmoid": ("yolov8n-0.7", {"sigmoid_logits": True}),
     # the classifier's outputs matched unsoftened (Beyer et al. distil at temperature 1), and softer
-    "resnet56-0.549-t1": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "temperature": 1.0}),
-    "resnet56-0.549-t4": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "temperature": 4.0}),
+    "resnet56-0.549-t1": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS, "temperature": 1.0}),
+    "resnet56-0.549-t4": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS, "temperature": 4.0}),
     # each weight pulled back toward its start (L2-SP): the held-out divergence stops falling after a
     # third of the budget while the training loss goes on falling
-    "resnet56-0.549-anchor5": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "anchor": 5.0}),
+    "resnet56-0.549-anchor5": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS, "anchor": 5.0}),
     # the best detector run again on other views: how far its two detections more are noise
     "yolov8n-0.7-trunks-seed1": ("yolov8n-0.7", {"trunks": 1.0, "seed": 1}),
     # crops of at least half the image instead of a quarter: a 32×32 image's quarter is 16×16 blown up
     # to twice its size, a view unlike any the eval split holds
-    "resnet56-0.549-crop50": ("resnet56-0.549", {"augment": Augment(mix="cutmix", scale=(0.5, 1.0)), "features": 1.0}),
+    "resnet56-0.549-crop50": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS,
+                                                 "augment": Augment(mix="cutmix", scale=(0.5, 1.0))}),
     # the 27 residual joins, all left whole by the prune, beside the logits: more of the teacher's answer
     # per view where the images are few
-    "resnet56-0.549-trunks": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "trunks": 1.0}),
+    "resnet56-0.549-trunks": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS, "trunks": 1.0}),
     # the teacher's answer averaged with its answer on the mirror image: a target that treats both sides alike
-    "resnet56-0.549-mirrored": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0,
-                                                   "mirrored_teacher": True}),
+    "resnet56-0.549-mirrored": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS, "mirrored_teacher": True}),
     # the defaults again after the training graph got faster (the ReLUs' mask multiplied, dW from dY's
     # windows where the filters are fewer): more steps in the same minutes
-    "resnet56-0.549-faster-step": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0}),
+    "resnet56-0.549-faster-step": ("resnet56-0.549", CLASSIFIER_DEFAULTS),
     # and for 25 minutes: on the Intel Xeon 20 minutes hold about 2,000 steps, where the AMD EPYC ran
     # 2,300-2,550; do the steps explain the Xeon's lower results? (past the 20 minutes the target allows)
-    "resnet56-0.549-25min": ("resnet56-0.549", {"augment": Augment(mix="cutmix"), "features": 1.0, "minutes": 25}),
+    "resnet56-0.549-25min": ("resnet56-0.549", {**CLASSIFIER_DEFAULTS, "minutes": 25}),
 }
 # the defaults when the cells without these fields of their own were measured: mixup, and no term on
 # the pooled feature maps
